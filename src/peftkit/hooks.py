@@ -1,0 +1,130 @@
+"""Training-time dynamics through one mechanism: hooks on the optimizer's step.
+
+Methods that act between steps (AdaLoRA's budget, DyLoRA's rank draw, DoRA-Mao's pruning,
+Delta-LoRA's update of W) declare a :class:`TrainingHook`. :func:`attach` registers torch's
+optimizer step pre/post hooks, so each hook runs once per *real* optimizer step: gradient
+accumulation needs nothing, and a step that a ``GradScaler`` skips (it never calls
+``optimizer.step()``) runs no hook. The user's loop does not change.
+
+Hook state travels with the optimizer's ``state_dict`` under the key ``"peftkit_hooks"``, so a
+resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from .core import get_state, unwrap
+
+STATE_KEY = "peftkit_hooks"
+
+
+@runtime_checkable
+class TrainingHook(Protocol):
+    """What a method implements to act between optimizer steps."""
+
+    def before_step(self) -> None:
+        """Runs inside ``optimizer.step()``, before the parameters move (gradients are final)."""
+
+    def after_step(self) -> None:
+        """Runs inside ``optimizer.step()``, after the parameters moved."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values needed to resume exactly."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def register_hook(model: nn.Module, hook: TrainingHook) -> None:
+    """Add a hook to an adapted model (methods add theirs at ``adapt``; this is for extensions)."""
+    if not isinstance(hook, TrainingHook):
+        raise TypeError(f"{type(hook).__name__} does not implement the TrainingHook protocol")
+    state = get_state(model)
+    assert state is not None
+    state.hooks.append(hook)
+
+
+def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    # Note: accelerate's AcceleratedOptimizer wraps the real optimizer and calls its step() only on
+    # real steps (after accumulation, not on a scaler skip): hook the innermost one.
+    for _ in range(4):
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"attach needs a torch optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def attach(optimizer: Any, model: nn.Module) -> None:
+    """Run ``model``'s training hooks once per real step of ``optimizer``. Idempotent."""
+    opt = _inner_optimizer(optimizer)
+    root = unwrap(model)
+    state = get_state(root)
+    assert state is not None
+    attached: dict[int, Any] = opt.__dict__.setdefault("_peftkit_attached", {})
+    if id(root) in attached:
+        return
+    ref = weakref.ref(root)
+
+    def hooks() -> list[TrainingHook]:
+        m = ref()
+        s = get_state(m, required=False) if m is not None else None
+        return list(s.hooks) if s is not None else []
+
+    def pre(_opt: Any, _args: Any, _kwargs: Any) -> None:
+        for h in hooks():
+            h.before_step()
+
+    def post(_opt: Any, _args: Any, _kwargs: Any) -> None:
+        for h in hooks():
+            h.after_step()
+
+    def save(_opt: Any, sd: dict[str, Any]) -> dict[str, Any]:
+        sd[STATE_KEY] = [h.state_dict() for h in hooks()]
+        return sd
+
+    def load(_opt: Any, sd: dict[str, Any]) -> dict[str, Any]:
+        sd = dict(sd)
+        saved = sd.pop(STATE_KEY, None)
+        hs = hooks()
+        if saved is not None:
+            if len(saved) != len(hs):
+                raise ValueError(
+                    f"optimizer state holds {len(saved)} peftkit hook states, the model has "
+                    f"{len(hs)}; was it saved from a different adapter?"
+                )
+            for h, s in zip(hs, saved):
+                h.load_state_dict(s)
+        return sd
+
+    handles = [
+        opt.register_step_pre_hook(pre),
+        opt.register_step_post_hook(post),
+        opt.register_state_dict_post_hook(save),
+        opt.register_load_state_dict_pre_hook(load),
+    ]
+    attached[id(root)] = handles
+
+
+def detach(optimizer: Any, model: nn.Module) -> None:
+    """Undo :func:`attach`."""
+    opt = _inner_optimizer(optimizer)
+    attached: dict[int, Any] = opt.__dict__.get("_peftkit_attached", {})
+    for h in attached.pop(id(unwrap(model)), []):
+        h.remove()
+
+
+def is_attached(optimizer: Any, model: nn.Module) -> bool:
+    opt = _inner_optimizer(optimizer)
+    return id(unwrap(model)) in opt.__dict__.get("_peftkit_attached", {})
+
+
+def hook_tensors(state: dict[str, Any]) -> dict[str, Tensor]:
+    """The tensors of a hook state (for checkpoint writers that store tensors separately)."""
+    return {k: v for k, v in state.items() if isinstance(v, Tensor)}

@@ -1,0 +1,1 @@
+"""Integrations with optional libraries; each module imports its library lazily."""

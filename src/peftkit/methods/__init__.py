@@ -1,0 +1,30 @@
+"""The method registry: an explicit tuple, one file per method. Adding a method is one file, one
+line here and one row in the contract-test table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from . import lora
+from .registry import LayerSpec, Method
+
+METHODS: dict[str, Method] = {m.name: m for m in (lora.METHOD,)}
+
+
+def method_for_dict(d: Mapping[str, Any], *, source: str = "config") -> Method:
+    """The method whose files look like ``d`` (an ``adapter_config.json``)."""
+    if "peft_type" not in d:
+        raise ValueError(f"{source}: missing 'peft_type'; this is not an adapter config")
+    found = [m for m in METHODS.values() if m.reads(d)]
+    if len(found) != 1:
+        tag = d.get("peftkit_method") or d.get("peft_type")
+        raise ValueError(
+            f"{source}: peftkit has no method for peft_type={d.get('peft_type')!r}"
+            + (f", peftkit_method={d['peftkit_method']!r}" if "peftkit_method" in d else "")
+            + f" ({tag!r}); known methods: {', '.join(sorted(METHODS))}"
+        )
+    return found[0]
+
+
+__all__ = ["METHODS", "LayerSpec", "Method", "method_for_dict"]

@@ -1,0 +1,197 @@
+"""LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685) and rsLoRA scaling
+(Kalajdzievski, 2023, https://arxiv.org/abs/2312.03732).
+
+    y = x W₀ᵀ + b + s · (D(x) Aᵀ) Bᵀ,   A ∈ R^{r×in}, B ∈ R^{out×r},
+    s = α / r   (rsLoRA: s = α / √r)
+
+A starts kaiming-uniform (a = √5) and B at zero, so the adapted model starts equal to the base
+(PEFT's default). For an embedding the roles flip (A = 0, B ~ N(0, 1)) because A is indexed like a
+lookup table. Dropout acts on the branch's input only; PEFT applies none to embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
+from ..core import EMBEDDING, Adapter, base_device, base_dtype
+from .registry import LayerSpec, Method
+
+# PEFT LoraConfig keys peftkit does not implement, with the value that means "off".
+LORA_UNSUPPORTED: dict[str, Any] = {
+    "lora_bias": False,
+    "use_qalora": False,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "corda_config": None,
+    "eva_config": None,
+    "kasa_config": None,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "monteclora_config": None,
+    "velora_config": None,
+    "use_bdlora": None,
+    "ensure_weight_tying": False,
+    "loftq_config": {},
+    "bias": "none",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig(AdapterConfig):
+    """LoRA. ``r``: rank; ``lora_alpha``: α in s = α/r; ``use_rslora``: s = α/√r;
+    ``init_lora_weights``: True (kaiming A, zero B), ``"gaussian"`` (A ~ N(0, 1/r)) or False
+    (both random: the adapter is not a no-op; for tests); ``rank_pattern``/``alpha_pattern``:
+    per-module overrides keyed by a name suffix or regex, as PEFT. ``use_dora=True`` selects
+    weight-decomposed DoRA (Liu et al., 2024), which PEFT files as a LoRA flag."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    init_lora_weights: bool | Literal["gaussian"] = True
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+
+    peft_type: ClassVar[str | None] = "LORA"
+    unsupported_keys: ClassVar[Mapping[str, Any]] = LORA_UNSUPPORTED
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("r", self.r)
+        check_finite_number("lora_alpha", self.lora_alpha, positive=True)
+        check_probability("lora_dropout", self.lora_dropout)
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use True "
+                "(PEFT default), 'gaussian' or False. Data-driven inits (pissa, olora, loftq, "
+                "eva, corda) change the base weights and are not implemented."
+            )
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for k, v in dict(self.rank_pattern).items():
+            check_positive_int(f"rank_pattern[{k!r}]", v)
+        for k, v in dict(self.alpha_pattern).items():
+            check_finite_number(f"alpha_pattern[{k!r}]", v, positive=True)
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+
+    @property
+    def method(self) -> str:
+        return "dora" if self.use_dora else "lora"
+
+    @classmethod
+    def required_keys(cls) -> tuple[str, ...]:
+        return ("r", "target_modules")
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+class LoraLayer(Adapter):
+    """``base(x) + s · (D(x) Aᵀ) Bᵀ``; on an embedding, ``s · A[:, x]ᵀ Bᵀ``."""
+
+    roles: ClassVar[dict[str, str]] = {"lora_A": "A", "lora_B": "B"}
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float = 0.0,
+        init: bool | str = True,
+    ) -> None:
+        super().__init__(base, dropout=0.0 if layer_is_embedding(base) else dropout)
+        self.r, self.lora_alpha, self.scaling = r, alpha, scaling
+        kw = {"device": base_device(base), "dtype": base_dtype(base)}
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))  # type: ignore[arg-type]
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))  # type: ignore[arg-type]
+        self.reset_parameters(init)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: bool | str = True) -> None:
+        if self.kind == EMBEDDING:
+            nn.init.zeros_(self.lora_A) if init is not False else nn.init.normal_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(self.lora_B)
+
+    def update(self, x: Tensor) -> Tensor:
+        if self.kind == EMBEDDING:
+            e = self.base
+            assert isinstance(e, nn.Embedding)
+            h = F.embedding(x, self.lora_A.T, e.padding_idx, e.max_norm, e.norm_type,
+                            e.scale_grad_by_freq, e.sparse)  # (..., r)
+        else:
+            # Note: the scale multiplies the rank-r activation, not the wide output: cheaper, and
+            # it saves nothing extra for backward.
+            h = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., r)
+        return F.linear(h * self.scaling, self.lora_B)  # (..., out)
+
+    def delta_weight(self) -> Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
+
+    def lora_factors(self, rank: int | None = None) -> tuple[Tensor, Tensor]:
+        if rank is not None and rank != self.r:
+            raise ValueError(
+                f"a LoRA of rank {self.r} has no exact rank-{rank} form; export it without "
+                "rank=, or train a DyLoRA adapter, which can be truncated"
+            )
+        return self.lora_A.detach(), self.lora_B.detach() * self.scaling
+
+    def peft_keys(self) -> dict[str, str]:
+        if self.kind == EMBEDDING:
+            return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+        return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}"
+
+
+def layer_is_embedding(base: nn.Module) -> bool:
+    return isinstance(base, nn.Embedding)
+
+
+def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> LoraLayer:
+    assert isinstance(config, LoraConfig)
+    r = spec.pattern_value(config.rank_pattern, config.r)
+    alpha = spec.pattern_value(config.alpha_pattern, config.lora_alpha)
+    return LoraLayer(
+        base,
+        r=int(r),
+        alpha=float(alpha),
+        scaling=config.scaling(int(r), float(alpha)),
+        dropout=config.lora_dropout,
+        init=config.init_lora_weights,
+    )
+
+
+METHOD = Method(
+    name="lora",
+    config_cls=LoraConfig,
+    make_layer=make_layer,
+    reads=lambda d: d.get("peft_type") == "LORA"
+    and not d.get("use_dora")
+    and d.get("peftkit_method") in (None, "lora"),
+)

@@ -1,0 +1,286 @@
+"""Adapter files in Hugging Face PEFT's layout: ``adapter_config.json`` +
+``adapter_model.safetensors`` with keys ``base_model.model.<module path>.<suffix>``.
+
+Loading is strict (a missing, unexpected or mis-shaped tensor is an error listing the difference),
+writing is atomic (temp file, fsync, rename: an interrupted save leaves the previous adapter
+intact), and only JSON and safetensors are ever read, so adapter files never execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .core import CONV1D, EMBEDDING, ModulesToSave, adapters, get_state, unwrap
+from .inject import SHARED_ATTR, adapt, unload
+from .methods import METHODS, method_for_dict
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def _get(module: nn.Module, dotted: str) -> Tensor:
+    owner, _, leaf = dotted.rpartition(".")
+    m = module.get_submodule(owner) if owner else module
+    t = getattr(m, leaf)
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{dotted} is not a tensor")
+    return t
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The adapter's tensors under their PEFT keys (live tensors, not copies)."""
+    root = unwrap(model)
+    out: dict[str, Tensor] = {}
+    for name, layer in adapters(root):
+        for local, suffix in layer.peft_keys().items():
+            out[f"{PREFIX}{name}.{suffix}"] = _get(layer, local)
+    for name, m in root.named_modules():
+        if isinstance(m, ModulesToSave):
+            for pname, t in m.trained.state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{name}.{pname}"] = t
+    shared = getattr(root, SHARED_ATTR, None)
+    keys = getattr(shared, "peft_keys", None)
+    if shared is not None and callable(keys):
+        for local, key in keys().items():
+            out[key] = _get(shared, local)
+    return out
+
+
+def _full(t: Tensor) -> Tensor:
+    # Note: an FSDP2 parameter is a DTensor shard; gather it (a collective: every rank calls this).
+    full = getattr(t, "full_tensor", None)
+    t = full() if callable(full) else t
+    return t.detach().to("cpu").clone().contiguous()
+
+
+def _is_writer() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _atomic_replace(files: dict[Path, Callable[[Path], None]]) -> None:
+    """Write every file to a temporary sibling first, then rename each over its target."""
+    tmps: dict[Path, Path] = {}
+    try:
+        for path, write in files.items():
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            tmps[path] = tmp
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def write_adapter_files(directory: str | os.PathLike[str], config: dict[str, Any],
+                        tensors: dict[str, Tensor]) -> Path:
+    """Write a config dict and tensors as a PEFT adapter folder, atomically (rank 0 only)."""
+    tensors = {k: _full(v) for k, v in tensors.items()}
+    for k, v in tensors.items():
+        if v.numel() == 0:
+            raise ValueError(f"refusing to write an empty tensor for {k} (a sharded save?)")
+    out = Path(directory)
+    if not _is_writer():
+        return out
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_replace({
+        out / WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        out / CONFIG_NAME: lambda p: p.write_text(text, encoding="utf-8"),
+    })
+    return out
+
+
+def config_dict(model: nn.Module) -> dict[str, Any]:
+    root = unwrap(model)
+    state = get_state(root)
+    assert state is not None
+    d = state.config.to_dict()
+    layers = list(adapters(root))
+    if d.get("target_modules") == "all-linear":
+        d["target_modules"] = [name for name, _ in layers]  # as PEFT saves it
+    d["fan_in_fan_out"] = any(a.kind == CONV1D for _, a in layers)
+    d["base_model_name_or_path"] = getattr(root, "name_or_path", None) or None
+    return d
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Write the adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's
+    layout; PEFT's ``PeftModel.from_pretrained`` loads it). Atomic; under FSDP2 the shards are
+    gathered and rank 0 alone writes."""
+    root = unwrap(model)
+    state = get_state(root)
+    assert state is not None
+    d = config_dict(root)
+    tensors = dict(adapter_tensors(root))
+    method = METHODS[state.config.method]
+    if method.on_save is not None:
+        method.on_save(root, d, tensors)
+    return write_adapter_files(directory, d, tensors)
+
+
+def read_adapter_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``adapter_config.json`` of an adapter folder, with one-line errors."""
+    path = Path(directory)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such adapter directory")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path}: not a directory; pass the adapter folder")
+    cfg = path / CONFIG_NAME
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{cfg}: missing; {path} is not an adapter folder")
+    try:
+        d = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{cfg}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def read_adapter_tensors(directory: str | os.PathLike[str]) -> dict[str, Tensor]:
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (peftkit reads safetensors only, never pickle)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: unreadable or corrupted safetensors file ({e})") from None
+
+
+def _diff_message(path: Path, missing: list[str], unexpected: list[str],
+                  shapes: list[str]) -> str:
+    parts = [f"{path}: tensors do not match the adapted model"]
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
+            parts.append(f"{label}: {', '.join(sorted(items)[:8])}{more}")
+    return "; ".join(parts)
+
+
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], trainable: bool = False
+) -> nn.Module:
+    """Adapt ``model`` (not yet adapted) from the folder's config and load its tensors strictly.
+
+    Reads peftkit's and PEFT's files. With ``trainable=False`` the model is frozen and put in
+    eval mode, as PEFT's ``from_pretrained`` does. On any error the model is left unadapted."""
+    d = read_adapter_config(directory)
+    source = str(Path(directory) / CONFIG_NAME)
+    method = method_for_dict(d, source=source)
+    config = method.config_cls.from_dict(d, source=source)
+    tensors = read_adapter_tensors(directory)
+    adapt(model, config)
+    try:
+        _load_tensors(model, d, tensors, Path(directory) / WEIGHTS_NAME)
+    except BaseException:
+        unload(model)
+        raise
+    root = unwrap(model)
+    if not trainable:
+        for p in root.parameters():
+            p.requires_grad_(False)
+        root.eval()
+    return model
+
+
+@torch.no_grad()
+def _load_tensors(model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor],
+                  path: Path) -> None:
+    root = unwrap(model)
+    state = get_state(root)
+    assert state is not None
+    method = METHODS[state.config.method]
+    if method.on_load is not None:
+        tensors = method.on_load(root, d, tensors)
+    expected = adapter_tensors(root)
+    given: dict[str, Tensor] = {}
+    base_weights: dict[str, Tensor] = {}
+    layer_names = {name for name, a in adapters(root) if a.kind == EMBEDDING}
+    for k, v in tensors.items():
+        key = k if k in expected else k.replace(".default.", ".")
+        if key.endswith(".base_layer.weight") and key[len(PREFIX):-len(".base_layer.weight")] in layer_names:
+            # PEFT writes the full embedding next to an embedding LoRA; it must be the base's.
+            base_weights[key[len(PREFIX):-len(".base_layer.weight")]] = v
+            continue
+        given[key] = v
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(t.shape)}"
+              for k, t in expected.items() if k in given and given[k].shape != t.shape]
+    for name, w in base_weights.items():
+        base = root.get_submodule(name).base
+        if w.shape != base.weight.shape:
+            shapes.append(f"{name}.base_layer.weight {tuple(w.shape)} vs {tuple(base.weight.shape)}")
+    if missing or unexpected or shapes:
+        raise ValueError(_diff_message(path, missing, unexpected, shapes))
+    for k, t in expected.items():
+        t.copy_(given[k].to(t.dtype))
+    for name, w in base_weights.items():
+        root.get_submodule(name).base.weight.copy_(w)
+
+
+def export_lora(model: nn.Module, directory: str | os.PathLike[str], *,
+                rank: int | None = None) -> Path:
+    """Write a plain PEFT LoRA that reproduces the adapted model's current outputs.
+
+    Each adapter gives exact factors ``B A = ΔW`` (the scale folded into B, so ``lora_alpha``
+    equals each module's rank); ranks that differ per module go to ``rank_pattern`` and
+    ``alpha_pattern``. ``rank`` truncates where the method allows it (DyLoRA); a method whose ΔW
+    has no exact low-rank form raises and names ``merge_and_unload`` instead.
+    """
+    root = unwrap(model)
+    state = get_state(root)
+    assert state is not None
+    factors: dict[str, tuple[Tensor, Tensor, bool]] = {}
+    for name, layer in adapters(root):
+        a, b = layer.lora_factors(rank)
+        factors[name] = (a, b, layer.kind == EMBEDDING)
+    if not factors:
+        raise ValueError("model has no adapter layers to export")
+    ranks = {name: int(a.shape[0]) for name, (a, _, _) in factors.items()}
+    r = max(ranks.values())
+    tensors: dict[str, Tensor] = {}
+    for name, (a, b, emb) in factors.items():
+        ka, kb = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PREFIX}{name}.{ka}"] = a
+        tensors[f"{PREFIX}{name}.{kb}"] = b
+    for name, m in root.named_modules():
+        if isinstance(m, ModulesToSave):
+            for pname, t in m.trained.state_dict().items():
+                tensors[f"{PREFIX}{name}.{pname}"] = t
+    src = state.config
+    d: dict[str, Any] = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": r,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(factors),
+        "rank_pattern": {n: k for n, k in ranks.items() if k != r},
+        "alpha_pattern": {n: k for n, k in ranks.items() if k != r},
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "bias": "none",
+        "modules_to_save": list(src.modules_to_save) if src.modules_to_save else None,
+        "fan_in_fan_out": any(a.kind == CONV1D for _, a in adapters(root)),
+        "base_model_name_or_path": getattr(root, "name_or_path", None) or None,
+        "task_type": None,
+        "inference_mode": True,
+    }
+    return write_adapter_files(directory, d, tensors)
