@@ -141,7 +141,7 @@ def test_only_intended_parameters_train(method: str, kind: str) -> None:
     intended = set()
     for m in model.modules():
         if isinstance(m, Adapter):
-            intended.update(id(getattr(m, n)) for n in m.roles
+            intended.update(id(getattr(m, n)) for n in m.trainable_names()
                             if isinstance(getattr(m, n, None), nn.Parameter))
         if isinstance(m, ModulesToSave):
             intended.update(id(p) for p in m.trained.parameters())

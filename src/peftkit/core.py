@@ -188,6 +188,13 @@ class Adapter(Switchable):
         self.base.weight = nn.Parameter(merged, requires_grad=False)
         add_to_base_weight(self.base, self.delta_weight())
 
+    def trainable_names(self) -> tuple[str, ...]:
+        """The role parameters ``adapt`` makes trainable (LoRA-FA keeps A frozen)."""
+        return tuple(self.roles)
+
+    def on_unload(self) -> None:
+        """Called by ``unload`` before the base goes back (Delta-LoRA restores W₀ here)."""
+
     # -- files ------------------------------------------------------------------------------------
     def peft_keys(self) -> dict[str, str]:
         """Local tensor name → the suffix PEFT writes after ``base_model.model.<module path>.``"""

@@ -161,7 +161,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         w = getattr(layer.base, "weight", None)
         layer.weight_tied = w is not None and owners.get(id(w), 0) > 1
     for _, layer in wrapped:
-        for pname, _role in layer.roles.items():
+        for pname in layer.trainable_names():
             p = getattr(layer, pname, None)
             if isinstance(p, nn.Parameter):
                 p.requires_grad_(True)
@@ -182,6 +182,8 @@ def _restore(model: nn.Module, *, merged: bool) -> nn.Module:
             layer.merge()
         if not merged and layer.merged:
             layer.unmerge()
+        if not merged:
+            layer.on_unload()
         _set_module(root, name, layer.base)
     for name, m in list(root.named_modules()):
         if isinstance(m, ModulesToSave):

@@ -1,0 +1,109 @@
+"""Shared pieces of the benchmarks: the W1 model, saved-activation counting, interleaved timing.
+
+Every figure is a ratio measured in one process (see ../shared/BENCHMARKS.md in the team docs):
+models are interleaved A B C A B C … after a warm-up and the median ratio is reported with its
+quartiles.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+W1_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def w1_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """W1: a random-init Llama, hidden 512, 4 layers, 8 heads, MLP 1408, vocab 4096."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1408,
+                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                      max_position_embeddings=512, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).to(dtype).train()
+
+
+def w1_batch(batch: int = 4, seq: int = 256, vocab: int = 4096) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def freeze_to_floor(model: nn.Module) -> nn.Module:
+    """The frozen floor: every weight frozen but the input embedding."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(True)
+    return model
+
+
+class Step:
+    """One training step of a model: forward with labels, backward, AdamW step, zero_grad."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, lr: float = 1e-4,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.model, self.ids = model, ids
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = optimizer or torch.optim.AdamW(params, lr=lr)
+
+    def __call__(self) -> float:
+        loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+
+def saved_activation_bytes(model: nn.Module, run: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages autograd saves for backward during ``run()`` (a forward
+    returning a loss or output), each storage counted once; a backward follows so nothing leaks.
+    Parameters and frozen buffers are storages too, but they exist anyway: only storages not
+    owned by the model count."""
+    owned = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    owned |= {t.untyped_storage().data_ptr() for t in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in owned and s.device.type != "meta":
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    loss = out if isinstance(out, torch.Tensor) else out.loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def interleaved(steps: dict[str, Callable[[], Any]], rounds: int = 20,
+                warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per step for each entry, measured A B C A B C … after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(warmup + rounds):
+        for name, step in steps.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            step()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    return times
+
+
+def ratio_stats(times: dict[str, list[float]], ref: str) -> dict[str, tuple[float, float, float]]:
+    """Per entry: median, 25th and 75th percentile of the per-round ratio to ``ref``."""
+    out = {}
+    for name, ts in times.items():
+        ratios = sorted(a / b for a, b in zip(ts, times[ref]))
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        out[name] = (statistics.median(ratios), q[0], q[2])
+    return out

@@ -1,0 +1,112 @@
+"""W1 — one training step of a small Llama, every method against PEFT and the frozen floor.
+
+    python bench/w1.py                  # all variants, 20 rounds
+    python bench/w1.py lora peft-lora   # a subset (the floor is always measured)
+    python bench/w1.py --rounds 30
+
+Prints a markdown table: step time / floor (median and quartiles of per-round ratios), step time /
+the PEFT counterpart where one exists, and saved activations above the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from common import (  # noqa: E402
+    W1_TARGETS,
+    Step,
+    freeze_to_floor,
+    interleaved,
+    ratio_stats,
+    saved_activation_bytes,
+    w1_batch,
+    w1_model,
+)
+
+import peftkit  # noqa: E402
+
+
+def _peft(config_factory: Callable[[], object]) -> Callable[[nn.Module], nn.Module]:
+    def setup(model: nn.Module) -> nn.Module:
+        import peft
+
+        return peft.get_peft_model(model, config_factory())  # type: ignore[arg-type]
+
+    return setup
+
+
+def _ours(config_factory: Callable[[], peftkit.AdapterConfig]) -> Callable[[nn.Module], nn.Module]:
+    return lambda model: peftkit.adapt(model, config_factory())
+
+
+def _full(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+# name -> (setup, the PEFT variant to compare with or None). Method issues add their rows here.
+VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], str | None]] = {
+    "floor": (freeze_to_floor, None),
+    "lora": (_ours(lambda: peftkit.LoraConfig(r=16, lora_alpha=32, target_modules=W1_TARGETS)),
+             "peft-lora"),
+    "peft-lora": (_peft(lambda: __import__("peft").LoraConfig(
+        r=16, lora_alpha=32, target_modules=W1_TARGETS)), None),
+    "full": (_full, None),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("variants", nargs="*", help=f"any of {', '.join(VARIANTS)}")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    names = args.variants or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    names = ["floor"] + [n for n in names if n != "floor"]
+    for n in list(names):
+        peer = VARIANTS[n][1]
+        if peer is not None and peer not in names:
+            names.append(peer)
+    ids = w1_batch()
+    steps, models = {}, {}
+    for n in names:
+        model = VARIANTS[n][0](w1_model())
+        models[n] = model
+        steps[n] = Step(model, ids)
+    saved = {n: saved_activation_bytes(m, lambda m=m: m(input_ids=ids, labels=ids))
+             for n, m in models.items()}
+    times = interleaved(steps, rounds=args.rounds, warmup=args.warmup)
+    floor = ratio_stats(times, "floor")
+    mib = 2**20
+    print(f"W1: Llama 512x4, batch 4x256, fp32, {torch.get_num_threads()} threads, "
+          f"{args.rounds} interleaved rounds; floor step {sorted(times['floor'])[len(times['floor'])//2]:.3f} s")
+    print()
+    print("| variant | step / floor (median [q1, q3]) | step / PEFT | saved activations above floor |")
+    print("|---|---|---|---|")
+    for n in names:
+        med, q1, q3 = floor[n]
+        peer = VARIANTS[n][1]
+        vs = "—"
+        if peer is not None:
+            pm, pq1, pq3 = ratio_stats(times, peer)[n]
+            vs = f"{pm:.3f} [{pq1:.3f}, {pq3:.3f}]"
+        extra = (saved[n] - saved["floor"]) / mib
+        print(f"| {n} | {med:.3f} [{q1:.3f}, {q3:.3f}] | {vs} | {extra:+.1f} MiB |")
+
+
+if __name__ == "__main__":
+    main()
