@@ -24,9 +24,16 @@ def w1_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1408,
-                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-                      max_position_embeddings=512, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg).to(dtype).train()
 
@@ -47,8 +54,13 @@ def freeze_to_floor(model: nn.Module) -> nn.Module:
 class Step:
     """One training step of a model: forward with labels, backward, AdamW step, zero_grad."""
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, lr: float = 1e-4,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        ids: torch.Tensor,
+        lr: float = 1e-4,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         self.model, self.ids = model, ids
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = optimizer or torch.optim.AdamW(params, lr=lr)
@@ -84,8 +96,9 @@ def saved_activation_bytes(model: nn.Module, run: Callable[[], Any]) -> int:
     return sum(seen.values())
 
 
-def interleaved(steps: dict[str, Callable[[], Any]], rounds: int = 20,
-                warmup: int = 3) -> dict[str, list[float]]:
+def interleaved(
+    steps: dict[str, Callable[[], Any]], rounds: int = 20, warmup: int = 3
+) -> dict[str, list[float]]:
     """Seconds per step for each entry, measured A B C A B C … after ``warmup`` rounds."""
     times: dict[str, list[float]] = {k: [] for k in steps}
     for r in range(warmup + rounds):
@@ -103,7 +116,7 @@ def ratio_stats(times: dict[str, list[float]], ref: str) -> dict[str, tuple[floa
     """Per entry: median, 25th and 75th percentile of the per-round ratio to ``ref``."""
     out = {}
     for name, ts in times.items():
-        ratios = sorted(a / b for a, b in zip(ts, times[ref]))
+        ratios = sorted(a / b for a, b in zip(ts, times[ref], strict=True))
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         out[name] = (statistics.median(ratios), q[0], q[2])
     return out

@@ -116,11 +116,18 @@ def test_trainer_callback_runs_once_per_optimizer_step(tmp_path: Any) -> None:
     x = ids(batch=16, seq=8, vocab=128)
     data = [{"input_ids": row, "labels": row} for row in x]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-        max_steps=3, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
-                                   callbacks=[PeftkitCallback()])
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, callbacks=[PeftkitCallback()]
+    )
     trainer.train()
     assert (hook.before, hook.after) == (3, 3)

@@ -13,19 +13,29 @@ import peftkit
 peft = pytest.importorskip("peft")
 
 CASES: dict[str, dict[str, Any]] = {
-    "llama-lora": dict(kind="llama", target_modules=["q_proj", "v_proj", "down_proj"], r=4,
-                       lora_alpha=16),
-    "llama-rslora-embed": dict(kind="llama", target_modules=["q_proj", "embed_tokens"], r=4,
-                               lora_alpha=8, use_rslora=True),
+    "llama-lora": dict(
+        kind="llama", target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=16
+    ),
+    "llama-rslora-embed": dict(
+        kind="llama", target_modules=["q_proj", "embed_tokens"], r=4, lora_alpha=8, use_rslora=True
+    ),
     "llama-all-linear": dict(kind="llama", target_modules="all-linear", r=2, lora_alpha=4),
-    "llama-patterns": dict(kind="llama", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
-                           rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 32}),
+    "llama-patterns": dict(
+        kind="llama",
+        target_modules=["q_proj", "v_proj"],
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"v_proj": 32},
+    ),
     "llama-layers": dict(kind="llama", target_modules=["o_proj"], r=4, layers_to_transform=[1]),
-    "qwen2-lora-save": dict(kind="qwen2", target_modules=["k_proj", "gate_proj"], r=4,
-                            modules_to_save=["lm_head"]),
+    "qwen2-lora-save": dict(
+        kind="qwen2", target_modules=["k_proj", "gate_proj"], r=4, modules_to_save=["lm_head"]
+    ),
     "gpt2-conv1d": dict(kind="gpt2", target_modules=["c_attn", "c_fc"], r=4, lora_alpha=8),
-    "bert-cls": dict(kind="bert", target_modules=["query", "value"], r=4,
-                     modules_to_save=["classifier"]),
+    "bert-cls": dict(
+        kind="bert", target_modules=["query", "value"], r=4, modules_to_save=["classifier"]
+    ),
     "bert-embed": dict(kind="bert", target_modules=["word_embeddings", "key"], r=4),
 }
 
@@ -68,9 +78,16 @@ def test_peft_adapter_loads_in_peftkit(case: str, tmp_path: Any) -> None:
 
 def test_export_lora_loads_in_peft(tmp_path: Any) -> None:
     model = MODELS["llama"](0)
-    peftkit.adapt(model, peftkit.LoraConfig(r=4, lora_alpha=8, use_rslora=True,
-                                            target_modules=["q_proj", "embed_tokens"],
-                                            rank_pattern={"q_proj": 2}))
+    peftkit.adapt(
+        model,
+        peftkit.LoraConfig(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["q_proj", "embed_tokens"],
+            rank_pattern={"q_proj": 2},
+        ),
+    )
     _perturb(model, 3)
     x = ids(vocab=128)
     y = output(model, x)

@@ -21,21 +21,28 @@ def names(model: nn.Module) -> list[str]:
 def test_suffix_regex_and_all_linear() -> None:
     m = peftkit.adapt(MODELS["llama"](0), peftkit.LoraConfig(target_modules=["q_proj"]))
     assert names(m) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
-    m = peftkit.adapt(MODELS["llama"](0),
-                      peftkit.LoraConfig(target_modules=r".*\.1\.mlp\.(up|down)_proj"))
+    m = peftkit.adapt(
+        MODELS["llama"](0), peftkit.LoraConfig(target_modules=r".*\.1\.mlp\.(up|down)_proj")
+    )
     assert names(m) == ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"]
     m = peftkit.adapt(MODELS["llama"](0), peftkit.LoraConfig(target_modules="all-linear"))
     assert len(names(m)) == 14 and "lm_head" not in names(m)
     m = peftkit.adapt(MODELS["gpt2"](0), peftkit.LoraConfig(target_modules="all-linear"))
     assert "lm_head" not in names(m) and len(names(m)) == 8  # Conv1D layers count as linear
-    m = peftkit.adapt(MODELS["bert"](0), peftkit.LoraConfig(target_modules="all-linear",
-                                                             modules_to_save=["classifier"]))
+    m = peftkit.adapt(
+        MODELS["bert"](0),
+        peftkit.LoraConfig(target_modules="all-linear", modules_to_save=["classifier"]),
+    )
     assert "classifier" not in names(m)
 
 
 def test_layers_to_transform_and_exclude() -> None:
-    m = peftkit.adapt(MODELS["llama"](0), peftkit.LoraConfig(
-        target_modules=["q_proj", "v_proj"], layers_to_transform=[1], exclude_modules=["v_proj"]))
+    m = peftkit.adapt(
+        MODELS["llama"](0),
+        peftkit.LoraConfig(
+            target_modules=["q_proj", "v_proj"], layers_to_transform=[1], exclude_modules=["v_proj"]
+        ),
+    )
     assert names(m) == ["model.layers.1.self_attn.q_proj"]
 
 
@@ -89,17 +96,20 @@ def edit_config(path: Any, **changes: Any) -> None:
     f.write_text(json.dumps(d))
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("use_qalora", True, "use_qalora"),
-    ("lora_bias", True, "lora_bias"),
-    ("layer_replication", [[0, 1]], "layer_replication"),
-    ("target_parameters", ["w"], "target_parameters"),
-    ("peft_type", KeyError, "peft_type"),
-    ("r", KeyError, "'r'"),
-    ("target_modules", KeyError, "target_modules"),
-    ("some_future_key", 3, "some_future_key"),
-    ("peft_type", "IA3", "IA3"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("use_qalora", True, "use_qalora"),
+        ("lora_bias", True, "lora_bias"),
+        ("layer_replication", [[0, 1]], "layer_replication"),
+        ("target_parameters", ["w"], "target_parameters"),
+        ("peft_type", KeyError, "peft_type"),
+        ("r", KeyError, "'r'"),
+        ("target_modules", KeyError, "target_modules"),
+        ("some_future_key", 3, "some_future_key"),
+        ("peft_type", "IA3", "IA3"),
+    ],
+)
 def test_config_keys_are_strict(tmp_path: Any, key: str, value: Any, match: str) -> None:
     _, path = saved(tmp_path)
     edit_config(path, **{key: value})
@@ -169,8 +179,9 @@ def test_failed_save_keeps_previous_adapter(tmp_path: Any, monkeypatch: Any) -> 
 
 def test_export_lora_equals_model_and_rank_is_refused(tmp_path: Any) -> None:
     model = MODELS["gpt2"](0)
-    peftkit.adapt(model, peftkit.LoraConfig(r=4, target_modules=["c_attn", "wte"],
-                                            init_lora_weights=False))
+    peftkit.adapt(
+        model, peftkit.LoraConfig(r=4, target_modules=["c_attn", "wte"], init_lora_weights=False)
+    )
     x = ids(vocab=128)
     y = output(model, x)
     peftkit.export_lora(model, tmp_path)

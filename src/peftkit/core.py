@@ -307,7 +307,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for m, d in zip(switches, previous):
+        for m, d in zip(switches, previous, strict=True):
             m.disabled = d
         for a in was_merged:
             a.merge()

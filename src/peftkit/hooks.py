@@ -99,7 +99,7 @@ def attach(optimizer: Any, model: nn.Module) -> None:
                     f"optimizer state holds {len(saved)} peftkit hook states, the model has "
                     f"{len(hs)}; was it saved from a different adapter?"
                 )
-            for h, s in zip(hs, saved):
+            for h, s in zip(hs, saved, strict=True):
                 h.load_state_dict(s)
         return sd
 

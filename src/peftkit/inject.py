@@ -35,7 +35,11 @@ def _output_head(model: nn.Module) -> nn.Module | None:
             head = None
         if isinstance(head, nn.Module):
             return head
-    return getattr(model, "lm_head", None) if isinstance(getattr(model, "lm_head", None), nn.Module) else None
+    return (
+        getattr(model, "lm_head", None)
+        if isinstance(getattr(model, "lm_head", None), nn.Module)
+        else None
+    )
 
 
 def _tail_match(name: str, keys: Iterable[str]) -> bool:
@@ -96,8 +100,11 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         tails = sorted({n.rsplit(".", 1)[-1] for n in leaves})
         raise ValueError(
             f"target_modules={tm!r} matches no module"
-            + (f" (with layers_to_transform={config.layers_to_transform!r})"
-               if config.layers_to_transform is not None else "")
+            + (
+                f" (with layers_to_transform={config.layers_to_transform!r})"
+                if config.layers_to_transform is not None
+                else ""
+            )
             + f"; wrappable modules here include {tails[:12]} (e.g. {leaves[:3]})"
         )
     return found
@@ -129,8 +136,11 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     saved: list[str] = []
     if config.modules_to_save:
         saved = [
-            n for n, m in root.named_modules()
-            if n and _tail_match(n, config.modules_to_save) and not isinstance(m, ModulesToSave)
+            n
+            for n, m in root.named_modules()
+            if n
+            and _tail_match(n, config.modules_to_save)
+            and not isinstance(m, ModulesToSave)
             and not any(n.startswith(t + ".") or n == t for t, _ in targets)
         ]
         nested = [n for n in saved if any(n.startswith(o + ".") for o in saved)]
@@ -267,7 +277,7 @@ def _cast_floating(root: nn.Module, dtype: torch.dtype) -> None:
     """Cast floating parameters and buffers to ``dtype``, leaving quantised layers alone."""
     quantised = {id(t) for m in root.modules() if layer_kind(m) == NF4 for t in m.buffers()}
     for m in root.modules():
-        for key, t in list(m._parameters.items()) + list(m._buffers.items()):
+        for t in list(m._parameters.values()) + list(m._buffers.values()):
             if t is None or not t.is_floating_point() or id(t) in quantised:
                 continue
             t.data = t.data.to(dtype)
@@ -279,8 +289,13 @@ def _set_module_and_merge_nf4(
     base = layer.base
     w = base.dequantize()  # type: ignore[operator]
     out_dtype = dtype or w.dtype
-    dense = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None,
-                      device=w.device, dtype=out_dtype)
+    dense = nn.Linear(
+        layer.in_features,
+        layer.out_features,
+        bias=base.bias is not None,
+        device=w.device,
+        dtype=out_dtype,
+    )
     dense.weight.copy_(layer.merged_weight().to(out_dtype))
     if base.bias is not None:
         dense.bias.copy_(base.bias.to(out_dtype))  # type: ignore[union-attr]

@@ -85,8 +85,9 @@ def _atomic_replace(files: dict[Path, Callable[[Path], None]]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def write_adapter_files(directory: str | os.PathLike[str], config: dict[str, Any],
-                        tensors: dict[str, Tensor]) -> Path:
+def write_adapter_files(
+    directory: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, Tensor]
+) -> Path:
     """Write a config dict and tensors as a PEFT adapter folder, atomically (rank 0 only)."""
     tensors = {k: _full(v) for k, v in tensors.items()}
     for k, v in tensors.items():
@@ -99,10 +100,12 @@ def write_adapter_files(directory: str | os.PathLike[str], config: dict[str, Any
         raise NotADirectoryError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_replace({
-        out / WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
-        out / CONFIG_NAME: lambda p: p.write_text(text, encoding="utf-8"),
-    })
+    _atomic_replace(
+        {
+            out / WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+            out / CONFIG_NAME: lambda p: p.write_text(text, encoding="utf-8"),
+        }
+    )
     return out
 
 
@@ -163,8 +166,7 @@ def read_adapter_tensors(directory: str | os.PathLike[str]) -> dict[str, Tensor]
         raise ValueError(f"{path}: unreadable or corrupted safetensors file ({e})") from None
 
 
-def _diff_message(path: Path, missing: list[str], unexpected: list[str],
-                  shapes: list[str]) -> str:
+def _diff_message(path: Path, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
     parts = [f"{path}: tensors do not match the adapted model"]
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
         if items:
@@ -200,8 +202,9 @@ def load_adapter(
 
 
 @torch.no_grad()
-def _load_tensors(model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor],
-                  path: Path) -> None:
+def _load_tensors(
+    model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor], path: Path
+) -> None:
     root = unwrap(model)
     state = get_state(root)
     assert state is not None
@@ -214,19 +217,27 @@ def _load_tensors(model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor
     layer_names = {name for name, a in adapters(root) if a.kind == EMBEDDING}
     for k, v in tensors.items():
         key = k if k in expected else k.replace(".default.", ".")
-        if key.endswith(".base_layer.weight") and key[len(PREFIX):-len(".base_layer.weight")] in layer_names:
+        if (
+            key.endswith(".base_layer.weight")
+            and key[len(PREFIX) : -len(".base_layer.weight")] in layer_names
+        ):
             # PEFT writes the full embedding next to an embedding LoRA; it must be the base's.
-            base_weights[key[len(PREFIX):-len(".base_layer.weight")]] = v
+            base_weights[key[len(PREFIX) : -len(".base_layer.weight")]] = v
             continue
         given[key] = v
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
-    shapes = [f"{k} {tuple(given[k].shape)} vs {tuple(t.shape)}"
-              for k, t in expected.items() if k in given and given[k].shape != t.shape]
+    shapes = [
+        f"{k} {tuple(given[k].shape)} vs {tuple(t.shape)}"
+        for k, t in expected.items()
+        if k in given and given[k].shape != t.shape
+    ]
     for name, w in base_weights.items():
         base = root.get_submodule(name).base
         if w.shape != base.weight.shape:
-            shapes.append(f"{name}.base_layer.weight {tuple(w.shape)} vs {tuple(base.weight.shape)}")
+            shapes.append(
+                f"{name}.base_layer.weight {tuple(w.shape)} vs {tuple(base.weight.shape)}"
+            )
     if missing or unexpected or shapes:
         raise ValueError(_diff_message(path, missing, unexpected, shapes))
     for k, t in expected.items():
@@ -235,8 +246,9 @@ def _load_tensors(model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor
         root.get_submodule(name).base.weight.copy_(w)
 
 
-def export_lora(model: nn.Module, directory: str | os.PathLike[str], *,
-                rank: int | None = None) -> Path:
+def export_lora(
+    model: nn.Module, directory: str | os.PathLike[str], *, rank: int | None = None
+) -> Path:
     """Write a plain PEFT LoRA that reproduces the adapted model's current outputs.
 
     Each adapter gives exact factors ``B A = ΔW`` (the scale folded into B, so ``lora_alpha``
@@ -257,7 +269,9 @@ def export_lora(model: nn.Module, directory: str | os.PathLike[str], *,
     r = max(ranks.values())
     tensors: dict[str, Tensor] = {}
     for name, (a, b, emb) in factors.items():
-        ka, kb = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+        ka, kb = (
+            ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+        )
         tensors[f"{PREFIX}{name}.{ka}"] = a
         tensors[f"{PREFIX}{name}.{kb}"] = b
     for name, m in root.named_modules():

@@ -141,8 +141,15 @@ class LoraLayer(Adapter):
         if self.kind == EMBEDDING:
             e = self.base
             assert isinstance(e, nn.Embedding)
-            h = F.embedding(x, self.lora_A.T, e.padding_idx, e.max_norm, e.norm_type,
-                            e.scale_grad_by_freq, e.sparse)  # (..., r)
+            h = F.embedding(
+                x,
+                self.lora_A.T,
+                e.padding_idx,
+                e.max_norm,
+                e.norm_type,
+                e.scale_grad_by_freq,
+                e.sparse,
+            )  # (..., r)
         else:
             # Note: the scale multiplies the rank-r activation, not the wide output: cheaper, and
             # it saves nothing extra for backward.
@@ -191,7 +198,9 @@ METHOD = Method(
     name="lora",
     config_cls=LoraConfig,
     make_layer=make_layer,
-    reads=lambda d: d.get("peft_type") == "LORA"
-    and not d.get("use_dora")
-    and d.get("peftkit_method") in (None, "lora"),
+    reads=lambda d: (
+        d.get("peft_type") == "LORA"
+        and not d.get("use_dora")
+        and d.get("peftkit_method") in (None, "lora")
+    ),
 )

@@ -49,12 +49,12 @@ class Method:
     config_cls: type[AdapterConfig]
     make_layer: Callable[[nn.Module, Any, LayerSpec], Adapter]
     reads: Callable[[Mapping[str, Any]], bool]
-    prepare: Callable[[nn.Module, Any, Sequence[tuple[str, nn.Module]]], nn.Module | None] | None = (
-        None
-    )
-    make_hook: Callable[[nn.Module, Any, Sequence[tuple[str, Adapter]]], TrainingHook | None] | None = (
-        None
-    )
+    prepare: (
+        Callable[[nn.Module, Any, Sequence[tuple[str, nn.Module]]], nn.Module | None] | None
+    ) = None
+    make_hook: (
+        Callable[[nn.Module, Any, Sequence[tuple[str, Adapter]]], TrainingHook | None] | None
+    ) = None
     check: Callable[[nn.Module, Any, Sequence[tuple[str, nn.Module]]], None] | None = None
     #: ``on_save(model, config_dict, tensors)`` may edit what is written (AdaLoRA prunes);
     #: ``on_load(model, config_dict, tensors) -> tensors`` may prepare layers before loading.
