@@ -41,11 +41,19 @@ def layer_kind(module: nn.Module) -> str | None:
     return None
 
 
+def stored_weight(module: nn.Module) -> Tensor:
+    """``module.weight`` as stored (Conv1D: ``(in, out)``), typed."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor")
+    return w
+
+
 def layer_shape(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a wrappable layer, in the dense orientation."""
     kind = layer_kind(module)
     if kind == CONV1D:
-        w = module.weight
+        w = stored_weight(module)
         return int(w.shape[0]), int(w.shape[1])
     if kind == EMBEDDING:
         assert isinstance(module, nn.Embedding)
@@ -59,24 +67,24 @@ def dense_weight(base: nn.Module) -> Tensor:
     """The frozen weight of ``base`` as a dense ``(out, in)`` tensor (a view where possible)."""
     kind = layer_kind(base)
     if kind == LINEAR:
-        return base.weight  # type: ignore[return-value]
+        return stored_weight(base)
     if kind in (CONV1D, EMBEDDING):
-        return base.weight.T  # type: ignore[union-attr]
+        return stored_weight(base).T
     if kind == NF4:
-        return base.dequantize()  # type: ignore[operator,no-any-return]
+        w: Tensor = base.dequantize()  # type: ignore[operator]
+        return w
     raise TypeError(f"{type(base).__name__} is not a layer peftkit can wrap")
 
 
 def base_dtype(base: nn.Module) -> torch.dtype:
     if layer_kind(base) == NF4:
-        return getattr(base, "compute_dtype", None) or torch.float32
-    return base.weight.dtype  # type: ignore[union-attr,return-value]
+        dtype = getattr(base, "compute_dtype", None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
+    return stored_weight(base).dtype
 
 
 def base_device(base: nn.Module) -> torch.device:
-    for t in base.parameters():
-        return t.device
-    for t in base.buffers():
+    for t in (*base.parameters(), *base.buffers()):
         return t.device
     return torch.device("cpu")
 
@@ -90,8 +98,7 @@ def add_to_base_weight(base: nn.Module, delta: Tensor) -> None:
             "cannot merge into an NF4 base: re-quantising silently erases small adapters. "
             "Use merge_and_unload(model, dtype=torch.bfloat16) for a 16-bit merged model."
         )
-    w = base.weight  # type: ignore[union-attr]
-    assert isinstance(w, Tensor)
+    w = stored_weight(base)
     d = delta if kind == LINEAR else delta.T
     w.add_(d.to(w.dtype))
 
@@ -171,8 +178,7 @@ class Adapter(Switchable):
         if not self.merged:
             raise ValueError("adapter is not merged; nothing to unmerge")
         if self.weight_tied:
-            self.base.weight = self._tied_original
-            del self._tied_original
+            self.base.weight = self.__dict__.pop("_tied_original")
         else:
             add_to_base_weight(self.base, -self.delta_weight())
         self.merged = False
@@ -183,9 +189,8 @@ class Adapter(Switchable):
         # that module: the merged layer gets its own tensor, and unmerge restores the shared one.
         w = self.base.weight
         assert isinstance(w, nn.Parameter)
-        self._tied_original = w
-        merged = w.detach().clone()
-        self.base.weight = nn.Parameter(merged, requires_grad=False)
+        self.__dict__["_tied_original"] = w  # kept out of parameters() and state_dict()
+        self.base.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         add_to_base_weight(self.base, self.delta_weight())
 
     def trainable_names(self) -> tuple[str, ...]:

@@ -172,9 +172,9 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         layer.weight_tied = w is not None and owners.get(id(w), 0) > 1
     for _, layer in wrapped:
         for pname in layer.trainable_names():
-            p = getattr(layer, pname, None)
-            if isinstance(p, nn.Parameter):
-                p.requires_grad_(True)
+            param = getattr(layer, pname, None)
+            if isinstance(param, nn.Parameter):
+                param.requires_grad_(True)
     state = AdapterState(config=config, shared=shared)
     if method.make_hook is not None:
         hook = method.make_hook(root, config, wrapped)
@@ -245,12 +245,12 @@ def merge_and_unload(
     tied = any(a.weight_tied for _, a in adapters(root))
     _restore(root, merged=True)
     cfg = getattr(root, "config", None)
-    if tied and getattr(cfg, "tie_word_embeddings", False):
+    if tied and cfg is not None and getattr(cfg, "tie_word_embeddings", False):
         cfg.tie_word_embeddings = False  # the merged embedding no longer equals the head
     if dtype is not None:
         _cast_floating(root, dtype)
     if expected is not None:
-        got = _logits(root(**probe) if isinstance(probe, dict) else root(probe))  # type: ignore[arg-type]
+        got = _logits(root(**probe) if isinstance(probe, dict) else root(probe))
         diff = (got.float() - expected.float()).abs().max().item()
         if not diff <= atol:
             raise ValueError(
@@ -297,8 +297,9 @@ def _set_module_and_merge_nf4(
         dtype=out_dtype,
     )
     dense.weight.copy_(layer.merged_weight().to(out_dtype))
-    if base.bias is not None:
-        dense.bias.copy_(base.bias.to(out_dtype))  # type: ignore[union-attr]
+    bias = getattr(base, "bias", None)
+    if isinstance(bias, Tensor):
+        dense.bias.copy_(bias.to(out_dtype))
     dense.weight.requires_grad_(False)
     if dense.bias is not None:
         dense.bias.requires_grad_(False)

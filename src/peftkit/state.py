@@ -19,7 +19,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .core import CONV1D, EMBEDDING, ModulesToSave, adapters, get_state, unwrap
+from .core import (
+    CONV1D,
+    EMBEDDING,
+    Adapter,
+    ModulesToSave,
+    adapters,
+    get_state,
+    stored_weight,
+    unwrap,
+)
 from .inject import SHARED_ATTR, adapt, unload
 from .methods import METHODS, method_for_dict
 
@@ -85,6 +94,10 @@ def _atomic_replace(files: dict[Path, Callable[[Path], None]]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
 def write_adapter_files(
     directory: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, Tensor]
 ) -> Path:
@@ -103,7 +116,7 @@ def write_adapter_files(
     _atomic_replace(
         {
             out / WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
-            out / CONFIG_NAME: lambda p: p.write_text(text, encoding="utf-8"),
+            out / CONFIG_NAME: lambda p: _write_text(p, text),
         }
     )
     return out
@@ -164,6 +177,12 @@ def read_adapter_tensors(directory: str | os.PathLike[str]) -> dict[str, Tensor]
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path}: unreadable or corrupted safetensors file ({e})") from None
+
+
+def _adapter_at(root: nn.Module, name: str) -> Adapter:
+    layer = root.get_submodule(name)
+    assert isinstance(layer, Adapter)
+    return layer
 
 
 def _diff_message(path: Path, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
@@ -233,17 +252,15 @@ def _load_tensors(
         if k in given and given[k].shape != t.shape
     ]
     for name, w in base_weights.items():
-        base = root.get_submodule(name).base
-        if w.shape != base.weight.shape:
-            shapes.append(
-                f"{name}.base_layer.weight {tuple(w.shape)} vs {tuple(base.weight.shape)}"
-            )
+        bw = stored_weight(_adapter_at(root, name).base)
+        if w.shape != bw.shape:
+            shapes.append(f"{name}.base_layer.weight {tuple(w.shape)} vs {tuple(bw.shape)}")
     if missing or unexpected or shapes:
         raise ValueError(_diff_message(path, missing, unexpected, shapes))
     for k, t in expected.items():
         t.copy_(given[k].to(t.dtype))
     for name, w in base_weights.items():
-        root.get_submodule(name).base.weight.copy_(w)
+        stored_weight(_adapter_at(root, name).base).copy_(w)
 
 
 def export_lora(

@@ -83,8 +83,8 @@ class LoraConfig(AdapterConfig):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for k, v in dict(self.rank_pattern).items():
             check_positive_int(f"rank_pattern[{k!r}]", v)
-        for k, v in dict(self.alpha_pattern).items():
-            check_finite_number(f"alpha_pattern[{k!r}]", v, positive=True)
+        for k, a in dict(self.alpha_pattern).items():
+            check_finite_number(f"alpha_pattern[{k!r}]", a, positive=True)
         object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
 
@@ -117,9 +117,9 @@ class LoraLayer(Adapter):
     ) -> None:
         super().__init__(base, dropout=0.0 if layer_is_embedding(base) else dropout)
         self.r, self.lora_alpha, self.scaling = r, alpha, scaling
-        kw = {"device": base_device(base), "dtype": base_dtype(base)}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))  # type: ignore[arg-type]
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **kw))  # type: ignore[arg-type]
+        device, dtype = base_device(base), base_dtype(base)
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=dtype))
         self.reset_parameters(init)
 
     @torch.no_grad()
