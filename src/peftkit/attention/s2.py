@@ -2,8 +2,8 @@
 
 Training-time attention for long contexts: tokens attend only inside groups of ``G`` consecutive
 tokens, and half of the heads use groups shifted by ``G/2`` so that information crosses group
-borders. Inference uses ordinary full attention (the paper's §3.2; testing with the S2 pattern is
-worse), so nothing here is meant for decoding with a KV cache.
+borders. Inference uses ordinary full attention (the official code does; the paper reports that
+testing with the S2 pattern is worse), so nothing here is meant for decoding with a KV cache.
 
 For a query token ``i`` and a key token ``j`` of query head ``h`` (``H`` heads, ``N`` tokens)::
 
@@ -38,8 +38,8 @@ def _half_group(group_size: int) -> int:
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
     if group_size < 2 or group_size % 2:
-        # Note: the official non-flash code shifts by -(G // 2) but back by +(G // 2) only after
-        # rounding -G // 2 down, which misaligns odd G by one token; we refuse odd G instead.
+        # Note: the official non-flash code shifts by Python's -G // 2 (= -(G + 1) / 2 for odd G)
+        # and back by G // 2, misaligning odd G by one token; an even G leaves no such choice.
         raise ValueError(f"group_size must be an even int >= 2, got {group_size}; use e.g. N // 4")
     return group_size // 2
 
@@ -49,13 +49,15 @@ def _split_heads(x: Tensor, name: str) -> tuple[Tensor, Tensor]:
         raise ValueError(f"{name} must be 4-D (batch, heads, seq, head_dim), got {tuple(x.shape)}")
     heads = x.shape[1]
     if heads % 2:
-        raise ValueError(f"{name} has {heads} heads; S2-Attn splits heads in two halves: use an even count")
-    x1, x2 = x.split(heads // 2, dim=1)  # (B, H/2, N, D) each
+        raise ValueError(
+            f"{name} has {heads} heads; S2-Attn splits heads in two halves: use an even count"
+        )
+    x1, x2 = torch.split(x, heads // 2, dim=1)  # (B, H/2, N, D) each
     return x1, x2
 
 
 def shift(x: Tensor, group_size: int, *, wrap: bool = False) -> Tensor:
-    """Move the second half of the heads by half a group, so every head's groups become aligned blocks.
+    """Move the second half of the heads by G/2 so that every head's groups are aligned blocks.
 
     ``x`` is (B, H, N, D). In the result, every head attends within the blocks ``[kG, (k+1)G)`` of
     its own sequence axis (the last block may be shorter):
@@ -96,7 +98,7 @@ def unshift(y: Tensor, group_size: int, *, wrap: bool = False) -> Tensor:
 
 
 def _segments(n: int, group_size: int, lead: int) -> list[tuple[int, int, int]]:
-    """Cover ``[0, n)`` with ``(start, size, count)`` runs: a short lead group, full groups, a tail."""
+    """Cover ``[0, n)`` with ``(start, size, count)`` runs: short lead group, full groups, tail."""
     runs = []
     lead = min(lead, n)
     if lead:
@@ -112,7 +114,7 @@ def _segments(n: int, group_size: int, lead: int) -> list[tuple[int, int, int]]:
 
 def _to_groups(x: Tensor, count: int) -> Tensor:
     batch, size = x.shape[0], x.shape[2] // count
-    g = x.unflatten(2, (count, size)).transpose(1, 2)  # (B, count, h, size, D)
+    g = x.view(batch, x.shape[1], count, size, x.shape[3]).transpose(1, 2)  # (B, count, h, size, D)
     g = g.reshape(batch * count, *g.shape[2:])  # (B*count, h, size, D): a view iff B == 1
     # Note: with B == 1 every group is a strided view of q/k/v (SDPA reads strides; nothing is
     # copied). With B > 1 the full groups are copies, so a lone short group is copied as well:
@@ -121,7 +123,7 @@ def _to_groups(x: Tensor, count: int) -> Tensor:
 
 
 def _from_groups(o: Tensor, batch: int) -> Tensor:
-    g = o.unflatten(0, (batch, -1)).transpose(1, 2)  # (B, h, count, size, D)
+    g = o.view(batch, -1, *o.shape[1:]).transpose(1, 2)  # (B, h, count, size, D)
     return g.flatten(2, 3)  # (B, h, count*size, D)
 
 
@@ -132,7 +134,10 @@ def _group_mask(valid: Tensor, count: int, causal: bool) -> Tensor:
     if causal:
         allowed = allowed & torch.ones_like(eye).tril()  # (B*count, 1, size, size)
     # Note: a padding query may have no real key in its group; letting every query see itself
-    # keeps each softmax row non-empty (no NaN on any backend), and padded rows are zeroed later.
+    # keeps every softmax row non-empty, so no SDPA backend can return NaN for it (torch's CPU
+    # kernels give zeros anyway; not every backend does). Padded rows are zeroed afterwards.
+    # Note: SDPA turns this mask into a float one and saves it: padding costs O(N*G) extra
+    # activations per batch row (4 bytes per score), which is why unpadded input passes None.
     return allowed | eye  # (B*count, 1, size, size)
 
 
@@ -152,9 +157,9 @@ def _grouped(
     lengths = [size * count for _, size, count in runs]
     # Note: split, not slicing: the backward of a split is one cat, while each slice's backward
     # writes its gradient into a fresh zero tensor of the full size.
-    pieces = zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True)
+    q_runs, k_runs, v_runs = (torch.split(t, lengths, dim=2) for t in (q, k, v))
     outs = []
-    for (start, size, count), (qs, ks, vs) in zip(runs, pieces, strict=True):
+    for (start, size, count), qs, ks, vs in zip(runs, q_runs, k_runs, v_runs, strict=True):
         qg = _to_groups(qs, count)  # (B*count, h, size, D)
         kg = _to_groups(ks, count)  # (B*count, hk, size, D)
         vg = _to_groups(vs, count)  # (B*count, hk, size, D)
@@ -223,7 +228,9 @@ def s2_attention(
     half = _half_group(group_size)
     q1, q2 = _split_heads(q, "q")  # (B, H/2, N, D) each
     if k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"k and v must be (B, Hk, N, D) of one shape, got {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must be (B, Hk, N, D) of one shape, got {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     batch, heads, n, dim = q.shape
     kv_heads = k.shape[1]
     if (k.shape[0], k.shape[2], k.shape[3]) != (batch, n, dim):
@@ -236,12 +243,15 @@ def s2_attention(
     if kv_heads % 2:
         rep = heads // kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, N, D)
-    k1, k2 = k.split(k.shape[1] // 2, dim=1)  # (B, Hk/2, N, D) each
-    v1, v2 = v.split(v.shape[1] // 2, dim=1)  # (B, Hk/2, N, D) each
+    k1, k2 = torch.split(k, k.shape[1] // 2, dim=1)  # (B, Hk/2, N, D) each
+    v1, v2 = torch.split(v, v.shape[1] // 2, dim=1)  # (B, Hk/2, N, D) each
     valid = _padding_mask(attention_mask, batch, n)  # (B, N) or None
 
     out1 = _grouped(q1, k1, v1, valid, group_size, 0, causal, scale)  # (B, H/2, N, D)
     if wrap:
+        # Note: the literal roll copies the shifted half of q, k, v (autograd saves the copies,
+        # +37.5 % saved activations over wrap=False). Only the wrapped group needs a copy, but
+        # the roll keeps the compatibility path short and exactly the paper's two lines.
         q2, k2, v2 = (torch.roll(t, shifts=-half, dims=2) for t in (q2, k2, v2))
         valid2 = None if valid is None else torch.roll(valid, shifts=-half, dims=1)  # (B, N)
         out2 = _grouped(q2, k2, v2, valid2, group_size, 0, causal, scale)  # (B, H/2, N, D)
