@@ -104,7 +104,9 @@ def write_adapter_files(
     """Write a config dict and tensors as a PEFT adapter folder, atomically (rank 0 only)."""
     tensors = {k: _full(v) for k, v in tensors.items()}
     for k, v in tensors.items():
-        if v.numel() == 0:
+        # Note: ZeRO-3/FSDP1 leave 1-D size-0 placeholders; a 2-D tensor with a zero dimension is
+        # a real shape (an AdaLoRA layer pruned to rank 0, which PEFT writes and reads).
+        if v.numel() == 0 and v.dim() < 2:
             raise ValueError(f"refusing to write an empty tensor for {k} (a sharded save?)")
     out = Path(directory)
     if not _is_writer():
