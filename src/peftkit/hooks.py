@@ -25,7 +25,10 @@ STATE_KEY = "peftkit_hooks"
 
 @runtime_checkable
 class TrainingHook(Protocol):
-    """What a method implements to act between optimizer steps."""
+    """What a method implements to act between optimizer steps.
+
+    A hook may also define ``on_attach()`` (not part of the protocol check): :func:`attach` calls
+    it once the optimizer's hooks are registered (DyLoRA starts driving the drawn rank there)."""
 
     def before_step(self) -> None:
         """Runs inside ``optimizer.step()``, before the parameters move (gradients are final)."""
@@ -110,6 +113,11 @@ def attach(optimizer: Any, model: nn.Module) -> None:
         opt.register_load_state_dict_pre_hook(load),
     ]
     attached[id(root)] = handles
+    for h in hooks():
+        # Optional: a hook that acts on the forward (DyLoRA's drawn rank) starts driving it now.
+        on_attach = getattr(h, "on_attach", None)
+        if callable(on_attach):
+            on_attach()
 
 
 def detach(optimizer: Any, model: nn.Module) -> None:
