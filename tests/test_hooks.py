@@ -131,3 +131,55 @@ def test_trainer_callback_runs_once_per_optimizer_step(tmp_path: Any) -> None:
     )
     trainer.train()
     assert (hook.before, hook.after) == (3, 3)
+
+
+def test_hook_state_files_roundtrip(tmp_path: Any) -> None:
+    from peftkit.hooks import load_hook_state, save_hook_state
+
+    model, hook = adapted_mlp()
+    hook.before, hook.after = 5, 7
+    save_hook_state(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "peftkit_hooks.json",
+        "peftkit_hooks.safetensors",
+    ]
+    hook.before = hook.after = 0
+    assert load_hook_state(model, tmp_path)
+    assert (hook.before, hook.after) == (5, 7)
+    assert not load_hook_state(model, tmp_path / "none")
+
+
+def test_trainer_resume_restores_hook_state(tmp_path: Any) -> None:
+    transformers = pytest.importorskip("transformers")
+    from peftkit.integrations.hf import PeftkitCallback
+
+    def run(max_steps: int, resume: str | None) -> CountingHook:
+        model = MODELS["llama"](0)
+        peftkit.adapt(model, peftkit.LoraConfig(r=2, target_modules=["q_proj"]))
+        hook = CountingHook()
+        peftkit.register_hook(model, hook)
+        x = ids(batch=16, seq=8, vocab=128)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=2,
+            max_steps=max_steps,
+            report_to=[],
+            save_strategy="steps",
+            save_steps=2,
+            logging_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+        )
+        trainer = transformers.Trainer(
+            model=model,
+            args=args,
+            train_dataset=[{"input_ids": r, "labels": r} for r in x],
+            callbacks=[PeftkitCallback()],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return hook
+
+    assert run(2, None).after == 2
+    assert (tmp_path / "checkpoint-2" / "peftkit_hooks.json").is_file()
+    resumed = run(4, str(tmp_path / "checkpoint-2"))
+    assert (resumed.before, resumed.after) == (4, 4)

@@ -136,3 +136,74 @@ def is_attached(optimizer: Any, model: nn.Module) -> bool:
 def hook_tensors(state: dict[str, Any]) -> dict[str, Tensor]:
     """The tensors of a hook state (for checkpoint writers that store tensors separately)."""
     return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _flatten(value: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
+    """JSON skeleton of ``value`` with every tensor moved into ``tensors`` (by key)."""
+    if isinstance(value, Tensor):
+        key = prefix or "_"
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        for k in value:
+            if not isinstance(k, str):
+                raise TypeError(f"hook state keys must be strings, got {k!r} at {prefix!r}")
+        return {k: _flatten(v, f"{prefix}.{k}" if prefix else k, tensors) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(
+        f"hook state value at {prefix!r} is a {type(value).__name__}; use tensors or JSON values"
+    )
+
+
+def _unflatten(value: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        return {k: _unflatten(v, tensors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unflatten(v, tensors) for v in value]
+    return value
+
+
+def save_hook_state(model: nn.Module, directory: str | Any) -> None:
+    """Write the model's hook states as ``peftkit_hooks.json`` + ``peftkit_hooks.safetensors``
+    (no pickle), atomically. Used by the Trainer callback's checkpoints and ``peftkit train``."""
+    from pathlib import Path
+
+    from .state import write_files
+
+    state = get_state(model)
+    assert state is not None
+    tensors: dict[str, Tensor] = {}
+    skeleton = [_flatten(h.state_dict(), str(i), tensors) for i, h in enumerate(state.hooks)]
+    write_files(
+        Path(directory), {"peftkit_hooks.json": skeleton}, {"peftkit_hooks.safetensors": tensors}
+    )
+
+
+def load_hook_state(model: nn.Module, directory: str | Any) -> bool:
+    """Restore what :func:`save_hook_state` wrote; returns False when the folder has none."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    meta, data = path / "peftkit_hooks.json", path / "peftkit_hooks.safetensors"
+    if not meta.is_file():
+        return False
+    state = get_state(model)
+    assert state is not None
+    skeleton = json.loads(meta.read_text(encoding="utf-8"))
+    tensors = load_file(str(data)) if data.is_file() else {}
+    if len(skeleton) != len(state.hooks):
+        raise ValueError(
+            f"{meta}: holds {len(skeleton)} hook states, the model has "
+            f"{len(state.hooks)}; was it saved from a different adapter?"
+        )
+    for h, s in zip(state.hooks, skeleton, strict=True):
+        h.load_state_dict(_unflatten(s, tensors))
+    return True

@@ -158,10 +158,12 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     wrapped: list[tuple[str, Adapter]] = []
     for name, module in targets:
         layer = method.make_layer(module, config, LayerSpec(name=name, shared=shared))
+        layer.train(module.training)  # an adapter follows its layer's train/eval mode
         _set_module(root, name, layer)
         wrapped.append((name, layer))
     for name in saved:
-        _set_module(root, name, ModulesToSave(root.get_submodule(name)))
+        original = root.get_submodule(name)
+        _set_module(root, name, ModulesToSave(original).train(original.training))
     owners: dict[int, int] = {}
     for m in root.modules():
         if not isinstance(m, Adapter):
@@ -201,6 +203,9 @@ def _restore(model: nn.Module, *, merged: bool) -> nn.Module:
             for p in keep.parameters():
                 p.requires_grad_(False)
             _set_module(root, name, keep)
+    shared_unload = getattr(getattr(root, SHARED_ATTR, None), "on_unload", None)
+    if callable(shared_unload):
+        shared_unload(root, merged=merged)  # the shared module undoes its model-level changes
     if hasattr(root, SHARED_ATTR):
         delattr(root, SHARED_ATTR)
     object.__delattr__(root, STATE_ATTR)

@@ -98,6 +98,24 @@ def _write_text(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+def write_files(
+    directory: Path, json_files: dict[str, Any], tensor_files: dict[str, dict[str, Tensor]]
+) -> None:
+    """Write JSON documents and safetensors files into ``directory`` atomically (rank 0 only)."""
+    if not _is_writer():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    jobs: dict[Path, Callable[[Path], None]] = {}
+    for name, tensors in tensor_files.items():
+        jobs[directory / name] = lambda p, t=tensors: save_file(
+            t, str(p), metadata={"format": "pt"}
+        )
+    for name, doc in json_files.items():
+        text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+        jobs[directory / name] = lambda p, text=text: _write_text(p, text)
+    _atomic_replace(jobs)
+
+
 def write_adapter_files(
     directory: str | os.PathLike[str], config: dict[str, Any], tensors: dict[str, Tensor]
 ) -> Path:
@@ -113,14 +131,7 @@ def write_adapter_files(
         return out
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    _atomic_replace(
-        {
-            out / WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
-            out / CONFIG_NAME: lambda p: _write_text(p, text),
-        }
-    )
+    write_files(out, {CONFIG_NAME: config}, {WEIGHTS_NAME: tensors})
     return out
 
 
