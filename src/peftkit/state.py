@@ -94,8 +94,15 @@ def _atomic_replace(files: dict[Path, Callable[[Path], None]]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
+def _text_writer(text: str) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_text(text, encoding="utf-8")
+
+    return write
+
+
+def _tensor_writer(tensors: dict[str, Tensor]) -> Callable[[Path], None]:
+    return lambda path: save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def write_files(
@@ -107,12 +114,9 @@ def write_files(
     directory.mkdir(parents=True, exist_ok=True)
     jobs: dict[Path, Callable[[Path], None]] = {}
     for name, tensors in tensor_files.items():
-        jobs[directory / name] = lambda p, t=tensors: save_file(
-            t, str(p), metadata={"format": "pt"}
-        )
+        jobs[directory / name] = _tensor_writer(tensors)
     for name, doc in json_files.items():
-        text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
-        jobs[directory / name] = lambda p, text=text: _write_text(p, text)
+        jobs[directory / name] = _text_writer(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     _atomic_replace(jobs)
 
 
