@@ -1,0 +1,375 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al., 2024, https://arxiv.org/abs/2402.09353).
+
+Each adapted weight is split into one magnitude per output unit and a direction learnt by LoRA:
+
+    V  = W + s·B A                          (out, in),  s = α/r (rsLoRA: α/√r)
+    n  = ‖V‖_row ∈ R^out                    L2 norm of each output unit's row, over the input
+    W' = diag(m / n) · V,    y = x W'ᵀ + b,  m ∈ R^out trainable, initialised to n (a no-op)
+
+``n`` is treated as a constant in backward (paper §4.3, as PEFT does): its value follows A and B
+every step, but no gradient flows through it. Selected by ``LoraConfig(use_dora=True)``; files
+are PEFT's (``peft_type: "LORA"``, ``use_dora: true``, key ``lora_magnitude_vector``, no
+``.weight``).
+
+**Never materialising BA in training.** With ``g = m / n`` the output is
+``y = g ⊙ (base(x) − b + s·(x Aᵀ) Bᵀ) + b``, and the norms come in factored form, O(out·r) memory:
+
+    n² = ‖W‖²_row  +  2s · rowsum((W Aᵀ) ⊙ B)  +  s² · rowsum((B (A Aᵀ)) ⊙ B)
+
+with ‖W‖²_row cached (W is frozen; the cache follows the base tensors' identity and version).
+A custom autograd function saves, beyond LoRA's x and rank-r ``x Aᵀ``, only the layer's output
+``y``: ``∂L/∂m = Σ_tokens ∂L/∂y ⊙ (y − b) / m`` (= ``Σ ∂L/∂y ⊙ z / n``, z = V x). Where the next
+op saves y anyway (Llama's gate_proj → SiLU, up_proj → the MLP product) it costs nothing; rows
+with m = 0 recompute their z. The base's own backward gets ``g ⊙ ∂L/∂y``; no (out, in) tensor is
+formed in forward or backward.
+
+**Dropout** (train mode, p > 0) follows PEFT and the official code: the dropped input feeds the
+magnitude correction and the LoRA term, the base keeps the clean input,
+``y = base(x) + (g − 1) ⊙ D(x) Wᵀ + g ⊙ s·(D(x) Aᵀ) Bᵀ``; this path saves z = D(x)Wᵀ + s·D(x)AᵀBᵀ.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import AdapterConfig
+from ..core import EMBEDDING, LINEAR, NF4, dense_weight
+from .lora import LoraConfig, LoraLayer
+from .registry import LayerSpec, Method
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    # Note: norms are computed in fp32 (fp64 for fp64 weights), never in bf16/fp16.
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def row_norms(
+    w: Tensor, a: Tensor, b: Tensor, scaling: float, w_sq: Tensor | None = None
+) -> Tensor:
+    """``‖W + s·BA‖`` per row without forming BA: ``w`` (out, in), ``a`` (r, in), ``b`` (out, r);
+    ``w_sq`` = ``‖W‖²_row`` if known. Extra memory O(out·r + r²)."""
+    c = _compute_dtype(w)
+    if w_sq is None:
+        w_sq = w.to(c).square().sum(1)  # (out,)
+    wa = torch.mm(w, a.t().to(w.dtype)).to(c)  # (out, in) @ (in, r) -> (out, r)
+    b_, a_ = b.to(c), a.to(c)
+    cross = (wa * b_).sum(1)  # ⟨W_j, (BA)_j⟩, (out,)
+    gram = a_ @ a_.t()  # (r, in) @ (in, r) -> (r, r)
+    ba_sq = ((b_ @ gram) * b_).sum(1)  # ‖(BA)_j‖², (out, r) @ (r, r) -> (out, r) -> (out,)
+    n_sq = w_sq + (2 * scaling) * cross + (scaling * scaling) * ba_sq
+    return n_sq.clamp_min(0).sqrt()
+
+
+def _safe(norm: Tensor) -> Tensor:
+    # Note: a dead row (W + sBA = 0, so m = 0 at init) gives 0/0 in PEFT; here g = 0 there.
+    return norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+
+class _DoraFn(torch.autograd.Function):
+    """``y = g ⊙ (out + s·h Bᵀ) + (1 − g) ⊙ b`` with ``out = x Wᵀ + b`` (the base's output),
+    ``h = x Aᵀ``, ``g = m / n`` (n constant). Saves h, y and (aliasing the LoRA input) x."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        out: Tensor,
+        h: Tensor,
+        lora_b: Tensor,
+        m: Tensor,
+        norm: Tensor,
+        bias: Tensor | None,
+        scaling: float,
+        x: Tensor,
+        rows: Any,
+    ) -> Tensor:
+        dt, o = out.dtype, out.shape[-1]
+        g = (m.to(norm.dtype) / norm).to(dt)  # (out,)
+        y = torch.addmm(
+            out.reshape(-1, o), h.reshape(-1, h.shape[-1]).to(dt), lora_b.t().to(dt), alpha=scaling
+        )  # (T, out) + (T, r) @ (r, out)
+        y.mul_(g)
+        if bias is not None:
+            y.add_(bias.to(dt) * (1 - g))
+        y = y.view(out.shape)
+        ctx.save_for_backward(h, lora_b, m, norm, bias, x, y)
+        ctx.scaling, ctx.rows = scaling, rows
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        h, lora_b, m, norm, bias, x, y = ctx.saved_tensors
+        s, (n_out, n_h, n_b, n_m) = ctx.scaling, ctx.needs_input_grad[:4]
+        o, dt = y.shape[-1], y.dtype
+        dy2 = dy.reshape(-1, o)  # (T, out)
+        h2 = h.reshape(-1, h.shape[-1]).to(dt)  # (T, r)
+        g = (m.to(norm.dtype) / norm).to(dt)
+        gy = dy2 * g  # ∂L/∂out, (T, out)
+        d_h = (torch.mm(gy, lora_b.to(dt)) * s).to(h.dtype).view(h.shape) if n_h else None
+        d_b = (torch.mm(gy.t(), h2) * s).to(lora_b.dtype) if n_b else None  # (out, T) @ (T, r)
+        d_m = None
+        if n_m:
+            y2 = y.reshape(-1, o)
+            yz = y2 - bias.to(dt) if bias is not None else y2  # = g ⊙ z
+            c = norm.dtype
+            num = (dy2 * yz).sum(0, dtype=c)  # (out,)
+            dead = m == 0
+            d_m = num / torch.where(dead, torch.ones_like(m), m).to(c)
+            # Note: y holds no z where m = 0 (a synchronising check; only such rows recompute z).
+            if bool(dead.any()):
+                idx = dead.nonzero().squeeze(1)
+                z = ctx.rows(x, idx).to(dt) + torch.mm(h2, lora_b[idx].t().to(dt)) * s  # (T, k)
+                d_m[idx] = (dy2[:, idx] * z).sum(0, dtype=c) / norm[idx]
+            d_m = d_m.to(m.dtype)
+        d_out = gy.view(dy.shape) if n_out else None
+        return d_out, d_h, d_b, d_m, None, None, None, None, None
+
+
+class _DoraDropoutFn(torch.autograd.Function):
+    """Train-mode dropout: ``y = out + (g − 1) ⊙ out_d + g ⊙ s·h Bᵀ`` with ``out = base(x)``,
+    ``out_d = D(x) Wᵀ`` and ``h = D(x) Aᵀ``. Saves h and ``z = out_d + s·h Bᵀ``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        out: Tensor,
+        out_d: Tensor,
+        h: Tensor,
+        lora_b: Tensor,
+        m: Tensor,
+        norm: Tensor,
+        scaling: float,
+    ) -> Tensor:
+        dt, o = out.dtype, out.shape[-1]
+        g = (m.to(norm.dtype) / norm).to(dt)
+        z = torch.addmm(
+            out_d.reshape(-1, o).to(dt),
+            h.reshape(-1, h.shape[-1]).to(dt),
+            lora_b.t().to(dt),
+            alpha=scaling,
+        )  # (T, out) + (T, r) @ (r, out)
+        y = (out.reshape(-1, o) - out_d.reshape(-1, o).to(dt)).addcmul_(z, g)  # (T, out)
+        ctx.save_for_backward(h, lora_b, m, norm, z)
+        ctx.scaling = scaling
+        return y.view(out.shape)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        h, lora_b, m, norm, z = ctx.saved_tensors
+        s, (n_out, n_od, n_h, n_b, n_m) = ctx.scaling, ctx.needs_input_grad[:5]
+        o, dt = z.shape[-1], z.dtype
+        dy2 = dy.reshape(-1, o)  # (T, out)
+        g = (m.to(norm.dtype) / norm).to(dt)
+        gy = dy2 * g
+        d_h = (torch.mm(gy, lora_b.to(dt)) * s).to(h.dtype).view(h.shape) if n_h else None
+        h2 = h.reshape(-1, h.shape[-1]).to(dt)
+        d_b = (torch.mm(gy.t(), h2) * s).to(lora_b.dtype) if n_b else None  # (out, r)
+        d_m = ((dy2 * z).sum(0, dtype=norm.dtype) / norm).to(m.dtype) if n_m else None
+        d_od = (gy - dy2).view(dy.shape) if n_od else None
+        return dy if n_out else None, d_od, d_h, d_b, d_m, None, None
+
+
+class DoraLayer(LoraLayer):
+    """LoRA's A and B plus ``lora_magnitude_vector`` (out,): ``y = (m/‖W+sBA‖) ⊙ (W+sBA) x + b``."""
+
+    roles: ClassVar[dict[str, str]] = {
+        "lora_A": "A",
+        "lora_B": "B",
+        "lora_magnitude_vector": "magnitude",
+    }
+
+    def __init__(self, base: nn.Module, **kw: Any) -> None:
+        super().__init__(base, **kw)
+        self._w_sq: Tensor | None = None
+        self._w_key: tuple[Any, ...] | None = None
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm().to(self.lora_A.dtype))
+
+    # -- the norms ---------------------------------------------------------------------------------
+    def _weight_key(self) -> tuple[Any, ...]:
+        ts = itertools.chain(self.base.parameters(), self.base.buffers())
+        return tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in ts)
+
+    def _clear_cache(self) -> None:
+        self._w_sq, self._w_key = None, None
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> DoraLayer:
+        # Note: .to()/.half()/.cuda() may reuse an address with version 0; drop the cache outright.
+        self._clear_cache()
+        return super()._apply(fn, *args, **kwargs)  # type: ignore[no-untyped-call,no-any-return]
+
+    @torch.no_grad()
+    def weight_norm(self) -> Tensor:
+        """``‖W + s·BA‖`` per output unit (detached, fp32/fp64), in factored form; ‖W‖² cached."""
+        w = dense_weight(self.base)  # (out, in); a view except for NF4 (dequantised)
+        key = self._weight_key()
+        if self._w_sq is None or key != self._w_key:
+            self._w_sq = w.to(_compute_dtype(w)).square().sum(1)  # (out,)
+            self._w_key = key
+        return row_norms(w, self.lora_A, self.lora_B, self.scaling, self._w_sq)
+
+    # -- forward ----------------------------------------------------------------------------------
+    def _lora_a(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x', x' Aᵀ)``: the input as the LoRA branch sees it (which autograd saves) and h."""
+        if self.kind == EMBEDDING:
+            e = self.base
+            assert isinstance(e, nn.Embedding)
+            return x, F.embedding(
+                x,
+                self.lora_A.T,
+                e.padding_idx,
+                e.max_norm,
+                e.norm_type,
+                e.scale_grad_by_freq,
+                e.sparse,
+            )  # (..., r)
+        x = x.to(self.lora_A.dtype)
+        return x, F.linear(x, self.lora_A)  # (..., in) @ (in, r) -> (..., r)
+
+    def _bias(self) -> Tensor | None:
+        return None if self.kind == EMBEDDING else getattr(self.base, "bias", None)
+
+    @torch.no_grad()
+    def _base_rows(self, x: Tensor, idx: Tensor) -> Tensor:
+        """Rows ``idx`` of ``x Wᵀ`` (no bias), flattened to (T, k): recomputes z where m = 0."""
+        w = dense_weight(self.base)[idx]  # (k, in)
+        if self.kind == EMBEDDING:
+            return F.embedding(x, w.t()).reshape(-1, len(idx))  # (T, k)
+        return F.linear(x.reshape(-1, x.shape[-1]).to(w.dtype), w)  # (T, in) @ (in, k)
+
+    def _base_no_bias(self, x: Tensor) -> Tensor:
+        if self.kind == NF4:
+            out: Tensor = self.base(x)  # its own autograd: no dequantised weight is saved
+            b = self._bias()
+            return out if b is None else out - b
+        return F.linear(x, dense_weight(self.base))  # (..., in) @ (in, out)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out: Tensor = self.base(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            return out
+        norm = _safe(self.weight_norm())
+        m, b = self.lora_magnitude_vector, self.lora_B
+        if not self.training or isinstance(self.dropout, nn.Identity):
+            # Note: x (as cast for A) is saved by the A branch already; saving it again is free.
+            xa, h = self._lora_a(x)
+            y: Tensor = _DoraFn.apply(  # type: ignore[no-untyped-call]
+                out, h, b, m, norm, self._bias(), self.scaling, xa, self._base_rows
+            )
+            return y
+        xd = self.dropout(x)
+        y = _DoraDropoutFn.apply(  # type: ignore[no-untyped-call]
+            out, self._base_no_bias(xd), self._lora_a(xd)[1], b, m, norm, self.scaling
+        )
+        return y
+
+    def update(self, x: Tensor) -> Tensor:
+        raise TypeError("DoRA is not an additive branch; call the layer itself")
+
+    # -- merging ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _direction(self) -> tuple[Tensor, Tensor]:
+        """``(V, g)``: V = W + s·BA dense (out, in) and g = m / ‖V‖_row, in fp32/fp64."""
+        w = dense_weight(self.base)
+        c = _compute_dtype(w)
+        v = w.to(c) + self.scaling * (self.lora_B.to(c) @ self.lora_A.to(c))  # (out, r) @ (r, in)
+        g = self.lora_magnitude_vector.to(c) / _safe(torch.linalg.vector_norm(v, dim=1))
+        return v, g
+
+    def merged_weight(self) -> Tensor:
+        v, g = self._direction()
+        return g[:, None] * v  # (out, in)
+
+    def delta_weight(self) -> Tensor:
+        w = dense_weight(self.base)
+        return self.merged_weight() - w.to(_compute_dtype(w))
+
+    @torch.no_grad()
+    def _write(self, dense: Tensor) -> None:
+        w = self.base.weight
+        assert isinstance(w, Tensor)
+        w.copy_((dense if self.kind == LINEAR else dense.t()).to(w.dtype))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """``W ← (m/‖W+sBA‖) ⊙ (W+sBA)``; keeps g (and any rows with g = 0) for :meth:`unmerge`."""
+        if self.merged:
+            raise ValueError("adapter is already merged; a second merge would apply it twice")
+        if self.kind == NF4:
+            raise ValueError(
+                "cannot merge into an NF4 base: re-quantising silently erases small adapters. "
+                "Use merge_and_unload(model, dtype=torch.bfloat16) for a 16-bit merged model."
+            )
+        v, g = self._direction()
+        w = dense_weight(self.base)
+        dead = (g == 0).nonzero().squeeze(1)
+        self._merge_state = (g, dead, w[dead].clone())
+        if self.weight_tied:
+            # Note: the tied module (GPT-2's lm_head) keeps the shared tensor; unmerge puts it back.
+            self._tied_original = self.base.weight
+            merged = g[:, None] * v
+            merged = (merged if self.kind == LINEAR else merged.t()).to(w.dtype).contiguous()
+            self.base.weight = nn.Parameter(merged, requires_grad=False)
+        else:
+            self._write(g[:, None] * v)
+        self._clear_cache()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """``W ← W / g − s·BA`` with the g of merge time; rows with g = 0 come back verbatim."""
+        if not self.merged:
+            raise ValueError("adapter is not merged; nothing to unmerge")
+        g, dead, rows = (t.to(self.lora_A.device) for t in self._merge_state)
+        if self.weight_tied:
+            self.base.weight = self._tied_original
+            del self._tied_original
+        else:
+            w = dense_weight(self.base)
+            c = g.dtype
+            ba = self.lora_B.to(c) @ self.lora_A.to(c)  # (out, r) @ (r, in)
+            w0 = w.to(c) / torch.where(g == 0, torch.ones_like(g), g)[:, None] - self.scaling * ba
+            w0[dead] = rows.to(c)
+            self._write(w0)
+        del self._merge_state
+        self._clear_cache()
+        self.merged = False
+
+    # -- files and exports ------------------------------------------------------------------------
+    def peft_keys(self) -> dict[str, str]:
+        return {**super().peft_keys(), "lora_magnitude_vector": "lora_magnitude_vector"}
+
+    def lora_factors(self, rank: int | None = None) -> tuple[Tensor, Tensor]:
+        raise ValueError(
+            "DoRA has no exact LoRA form: (m/‖W+sBA‖)(W+sBA) − W is full-rank in general. "
+            "Use peftkit.merge_and_unload(model) for a merged model instead"
+        )
+
+
+def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> DoraLayer:
+    assert isinstance(config, LoraConfig)
+    r = int(spec.pattern_value(config.rank_pattern, config.r))
+    alpha = float(spec.pattern_value(config.alpha_pattern, config.lora_alpha))
+    return DoraLayer(
+        base,
+        r=r,
+        alpha=alpha,
+        scaling=config.scaling(r, alpha),
+        dropout=config.lora_dropout,
+        init=config.init_lora_weights,
+    )
+
+
+METHOD = Method(
+    name="dora",
+    config_cls=LoraConfig,
+    make_layer=make_layer,
+    reads=lambda d: (
+        d.get("peft_type") == "LORA"
+        and bool(d.get("use_dora"))
+        and d.get("peftkit_method") in (None, "dora")
+    ),
+)

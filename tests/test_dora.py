@@ -1,0 +1,391 @@
+"""Weight-decomposed DoRA (Liu et al., 2024): the paper's equations computed densely are the
+oracle for outputs, gradients (norm detached, §4.3) and merges; PEFT 0.21.2 is the oracle for
+files and training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import MODELS, ids, output
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import peftkit
+from peftkit.core import dense_weight
+from peftkit.methods import method_for_dict
+from peftkit.methods.dora import DoraLayer, _DoraDropoutFn, _DoraFn, row_norms
+
+D64 = torch.float64
+
+
+def conv1d(n_in: int, n_out: int) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(n_out, n_in)
+    nn.init.normal_(layer.weight, std=0.3)
+    nn.init.normal_(layer.bias, std=0.3)
+    return layer
+
+
+BASES = {
+    "linear": lambda: nn.Linear(12, 10),
+    "linear-nobias": lambda: nn.Linear(12, 10, bias=False),
+    "conv1d": lambda: conv1d(12, 10),
+    "embedding": lambda: nn.Embedding(12, 10, padding_idx=1),
+}
+
+
+def make(
+    kind: str, *, dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = D64, dead: bool = False
+) -> DoraLayer:
+    """A DoRA layer with non-trivial A, B and m (m ≠ ‖W + sBA‖)."""
+    torch.manual_seed(seed)
+    layer = DoraLayer(
+        BASES[kind]().to(dtype).requires_grad_(False), r=3, alpha=6.0, scaling=2.0, dropout=dropout
+    )
+    with torch.no_grad():
+        for p in (layer.lora_A, layer.lora_B):
+            p.normal_(0, 0.3)
+        layer.lora_magnitude_vector.mul_(1 + 0.2 * torch.randn(10, dtype=dtype))
+        if dead:
+            layer.lora_magnitude_vector[[0, 3]] = 0.0
+    return layer
+
+
+def inputs(kind: str, dtype: torch.dtype = D64) -> Tensor:
+    g = torch.Generator().manual_seed(5)
+    if kind == "embedding":
+        return torch.randint(0, 12, (2, 7), generator=g)
+    return torch.randn(2, 7, 12, generator=g, dtype=dtype).requires_grad_(True)
+
+
+def dense_reference(layer: DoraLayer, x: Tensor, xd: Tensor | None = None) -> Tensor:
+    """The paper's forward with n detached, densely; ``xd``: PEFT's dropout formula."""
+    w = dense_weight(layer.base)  # (out, in)
+    v = w + layer.scaling * layer.lora_B @ layer.lora_A  # (out, r) @ (r, in)
+    g = layer.lora_magnitude_vector / torch.linalg.vector_norm(v, dim=1).detach()
+    if layer.kind == "embedding":
+        return F.embedding(x, (g[:, None] * v).T)  # (..., out)
+    b = layer.base.bias
+    if xd is None:
+        y = F.linear(x, g[:, None] * v)
+        return y if b is None else y + b
+    return (
+        layer.base(x)
+        + (g - 1) * F.linear(xd, w)
+        + g * F.linear(xd, layer.scaling * layer.lora_B @ layer.lora_A)
+    )
+
+
+def trainables(layer: DoraLayer, x: Tensor) -> list[Tensor]:
+    ps = [layer.lora_A, layer.lora_B, layer.lora_magnitude_vector]
+    return ps + ([x] if x.is_floating_point() else [])
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_factored_norm_equals_dense(kind: str) -> None:
+    layer = make(kind)
+    w = dense_weight(layer.base)
+    dense = torch.linalg.vector_norm(w + layer.scaling * layer.lora_B @ layer.lora_A, dim=1)
+    torch.testing.assert_close(layer.weight_norm(), dense.detach(), atol=1e-13, rtol=1e-13)
+    torch.testing.assert_close(
+        row_norms(w, layer.lora_A, layer.lora_B, 2.0), dense.detach(), atol=1e-13, rtol=1e-13
+    )
+    # bf16 weights: the norm is still computed in fp32 (PEFT's bf16 norm is coarser)
+    wb = w.detach().to(torch.bfloat16)
+    ref = torch.linalg.vector_norm(wb.double() + 2.0 * layer.lora_B @ layer.lora_A, dim=1)
+    got = row_norms(wb, layer.lora_A.float(), layer.lora_B.float(), 2.0)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_forward_and_gradients_equal_the_dense_formula(kind: str) -> None:
+    layer = make(kind)
+    x = inputs(kind)
+    y, ref = layer(x), dense_reference(layer, x)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, trainables(layer, x), dy)
+    want = torch.autograd.grad(ref, trainables(layer, x), dy)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
+def test_dead_rows_get_the_exact_magnitude_gradient(kind: str) -> None:
+    # m = 0 erases z from y; those rows recompute it instead of dividing by m
+    layer = make(kind, dead=True)
+    x = inputs(kind)
+    y, ref = layer(x), dense_reference(layer, x)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, trainables(layer, x), dy)
+    want = torch.autograd.grad(ref, trainables(layer, x), dy)
+    assert got[2][0] != 0
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dropout_follows_peft(kind: str) -> None:
+    layer = make(kind, dropout=0.4).train()
+    x = inputs(kind)
+    torch.manual_seed(3)
+    y = layer(x)
+    torch.manual_seed(3)
+    xd = F.dropout(x, 0.4, training=True)
+    ref = dense_reference(layer, x, xd)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, trainables(layer, x), dy)
+    want = torch.autograd.grad(ref, trainables(layer, x), dy)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    layer.eval()  # eval: no dropout, the paper's formula
+    torch.testing.assert_close(layer(x), dense_reference(layer, x), atol=1e-12, rtol=0)
+
+
+def test_gradcheck_of_the_autograd_functions() -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=D64).requires_grad_(True)
+
+    out, h, b, m = r(2, 3, 5), r(2, 3, 2), r(5, 2), r(5)
+    norm = torch.rand(5, generator=g, dtype=D64) + 0.5
+    bias = torch.randn(5, generator=g, dtype=D64)
+    z0 = (out - bias).detach()
+
+    def rows(x: Tensor, idx: Tensor) -> Tensor:
+        return x.reshape(-1, 5)[:, idx]
+
+    def fn(out: Tensor, h: Tensor, b: Tensor, m: Tensor) -> Tensor:
+        return _DoraFn.apply(out, h, b, m, norm, bias, 1.5, z0, rows)  # type: ignore[no-any-return]
+
+    assert torch.autograd.gradcheck(fn, (out, h, b, m))
+    with torch.no_grad():
+        m[1] = 0.0  # a dead row: the recompute branch
+    assert torch.autograd.gradcheck(fn, (out, h, b, m))
+    od = r(2, 3, 5)
+    assert torch.autograd.gradcheck(
+        lambda o, d, h, b, m: _DoraDropoutFn.apply(o, d, h, b, m, norm, 1.5), (out, od, h, b, m)
+    )
+
+
+class ShapeLog(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        given = {
+            t.untyped_storage().data_ptr()
+            for t in [*args, *(kwargs or {}).values()]
+            if isinstance(t, Tensor)
+        }
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in given:
+                self.shapes.append(tuple(t.shape))  # a new tensor, not a view
+        return out
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
+def test_training_never_forms_a_dense_matrix_and_saves_only_x_h_y(kind: str) -> None:
+    layer = make(kind, dtype=torch.float32)
+    x = inputs(kind, torch.float32)
+    layer(x).sum().backward()  # the first forward fills the ‖W‖² cache
+    layer.zero_grad()
+    saved: dict[int, int] = {}
+    owned = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+
+    def pack(t: Tensor) -> Tensor:
+        if t.untyped_storage().data_ptr() not in owned:
+            saved[t.untyped_storage().data_ptr()] = t.numel()
+        return t
+
+    with ShapeLog() as log:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = layer(x)
+        y.sum().backward()
+    assert (10, 12) not in log.shapes and (12, 10) not in log.shapes
+    # x (shared with the LoRA branch), h = x Aᵀ, y, and the norm vector: nothing else
+    assert sum(saved.values()) == x.numel() + y.numel() // 10 * 3 + y.numel() + 10
+
+
+def test_weight_cache_follows_the_base_weight() -> None:
+    layer = make("linear")
+    x = inputs("linear")
+    layer(x)
+    with torch.no_grad():
+        layer.base.weight.mul_(1.5)  # in place: a new version
+    torch.testing.assert_close(layer(x), dense_reference(layer, x), atol=1e-12, rtol=0)
+    layer.half().double()  # rounds W; the storage may land where the old one was
+    torch.testing.assert_close(layer(x), dense_reference(layer, x), atol=1e-12, rtol=0)
+    layer.base.weight = nn.Parameter(torch.randn(10, 12, dtype=D64), requires_grad=False)
+    torch.testing.assert_close(layer(x), dense_reference(layer, x), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
+def test_merge_unmerge_exact(kind: str) -> None:
+    layer = make(kind, dead=True).eval()
+    x = inputs(kind)
+    w0 = layer.base.weight.detach().clone()
+    y = layer(x).detach()
+    v = dense_weight(layer.base) + layer.scaling * layer.lora_B @ layer.lora_A
+    want = (layer.lora_magnitude_vector / torch.linalg.vector_norm(v, dim=1))[:, None] * v
+    torch.testing.assert_close(layer.merged_weight(), want.detach(), atol=1e-13, rtol=0)
+    layer.merge()
+    torch.testing.assert_close(dense_weight(layer.base), want.detach(), atol=1e-13, rtol=0)
+    torch.testing.assert_close(layer(x), y, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(layer.base.weight, w0, atol=1e-13, rtol=0)
+    dead = dense_weight(layer.base)[[0, 3]]
+    assert torch.equal(dead, (w0 if kind == "linear" else w0.T)[[0, 3]])  # g = 0 rows verbatim
+    torch.testing.assert_close(layer(x), y, atol=1e-12, rtol=0)
+
+
+def test_no_lora_export_and_registry() -> None:
+    model = MODELS["llama"](0)
+    peftkit.adapt(model, peftkit.LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="merge_and_unload"):
+        peftkit.export_lora(model, "/nonexistent/never-written")
+    assert method_for_dict({"peft_type": "LORA", "use_dora": True}).name == "dora"
+    assert method_for_dict({"peft_type": "LORA", "use_dora": False}).name == "lora"
+    assert method_for_dict({"peft_type": "LORA"}).name == "lora"
+
+
+# -- PEFT, the oracle for files and training ---------------------------------------------------
+peft = pytest.importorskip("peft")
+
+CASES: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        kind="llama",
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+    ),
+    "llama-embed": dict(
+        kind="llama", target_modules=["k_proj", "embed_tokens"], r=2, lora_alpha=4, use_rslora=True
+    ),
+    "gpt2": dict(kind="gpt2", target_modules=["c_attn", "c_fc"], r=4, lora_alpha=16),
+}
+
+
+def _perturb(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peftkit_file_loads_in_peft(case: str, tmp_path: Any) -> None:
+    kw = dict(CASES[case])
+    kind = kw.pop("kind")
+    model = MODELS[kind](0)
+    peftkit.adapt(model, peftkit.LoraConfig(use_dora=True, **kw)).eval()  # new layers train()
+    _perturb(model, 1)
+    x = ids(vocab=128)
+    y = output(model, x)
+    peftkit.save_adapter(model, tmp_path)
+    d = peftkit.read_adapter_config(tmp_path)
+    assert d["peft_type"] == "LORA" and d["use_dora"] is True and "peftkit_method" not in d
+    theirs = peft.PeftModel.from_pretrained(MODELS[kind](0), str(tmp_path)).eval()
+    torch.testing.assert_close(output(theirs, x), y, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_file_loads_in_peftkit(case: str, tmp_path: Any) -> None:
+    from safetensors.torch import load_file
+
+    kw = dict(CASES[case])
+    kind = kw.pop("kind")
+    theirs = peft.get_peft_model(MODELS[kind](0), peft.LoraConfig(use_dora=True, **kw))
+    _perturb(theirs, 2)
+    theirs.eval()
+    x = ids(vocab=128)
+    y = output(theirs, x)
+    theirs.save_pretrained(str(tmp_path))
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert any(k.endswith(".lora_magnitude_vector") for k in keys)
+    ours = peftkit.load_adapter(MODELS[kind](0), tmp_path)
+    assert all(isinstance(a, DoraLayer) for _, a in peftkit.adapters(ours))
+    torch.testing.assert_close(output(ours, x), y, atol=1e-5, rtol=0)
+    peftkit.merge(ours)
+    torch.testing.assert_close(output(ours, x), y, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_training_steps_match_peft(dropout: float, tmp_path: Any) -> None:
+    # gradients equal PEFT's (norm detached; with dropout, the same masks drawn in the same
+    # order): the same SGD trajectory
+    kw: dict[str, Any] = dict(
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        lora_dropout=dropout,
+    )
+    theirs = peft.get_peft_model(MODELS["llama"](0), peft.LoraConfig(use_dora=True, **kw))
+    theirs.save_pretrained(str(tmp_path))
+    ours = peftkit.load_adapter(MODELS["llama"](0), tmp_path, trainable=True)
+    x = ids(vocab=128, seq=12)
+    models = (theirs.train(), ours.train())
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in models]
+    for step in range(3):
+        losses = []
+        for m, opt in zip(models, opts, strict=True):
+            torch.manual_seed(step)
+            loss = m(input_ids=x, labels=x).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    torch.testing.assert_close(output(ours.eval(), x), output(theirs.eval(), x), atol=1e-5, rtol=0)
+
+
+# -- NF4 bases (when peftkit.quant provides them) ----------------------------------------------
+def _nf4() -> Any:
+    import peftkit.quant as q
+
+    if not (hasattr(q, "NF4Linear") and hasattr(q, "quantize_")):
+        pytest.skip("peftkit.quant has no NF4Linear/quantize_ yet")
+    return q
+
+
+def test_nf4_base_matches_the_dequantised_formula() -> None:
+    q = _nf4()
+    model = MODELS["llama"](0)
+    q.quantize_(model)
+    peftkit.adapt(
+        model,
+        peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], use_dora=True),
+    )
+    layers = list(peftkit.adapters(model))
+    assert layers and all(a.kind == "nf4" for _, a in layers)
+    _perturb(model, 4)
+    model.train()
+    x = ids(vocab=128)
+    for _, a in layers:
+        h = torch.randn(2, 3, a.in_features)
+        w = a.base.dequantize()
+        v = w + a.scaling * a.lora_B @ a.lora_A
+        g = a.lora_magnitude_vector / torch.linalg.vector_norm(v, dim=1).detach()
+        ref = F.linear(h, g[:, None] * v) + (0 if a.base.bias is None else a.base.bias)
+        torch.testing.assert_close(a(h), ref, atol=1e-5, rtol=1e-5)
+    output(model, x).sum().backward()
+    assert all(a.lora_magnitude_vector.grad is not None for _, a in layers)
+    model.eval()
+    y = output(model, x)
+    merged = peftkit.merge_and_unload(model, probe=x)
+    torch.testing.assert_close(output(merged, x), y, atol=1e-4, rtol=0)
