@@ -1,0 +1,765 @@
+"""The ``peftkit`` command: fetch-data, train, eval, merge, export, inspect.
+
+    peftkit fetch-data                       # once: the VADER movie-review sentences
+    peftkit train                            # LoRA on all-MiniLM-L6-v2, binary sentiment
+    peftkit eval --adapter peftkit-out       # accuracy (or perplexity) of base + adapter
+    peftkit merge --adapter peftkit-out --output merged
+    peftkit export --adapter peftkit-out --output lora
+    peftkit inspect peftkit-out
+
+Results go to stdout, progress bars (tqdm) and status to stderr. A bad input (a missing path, an
+unknown method, a target that matches nothing, a data file without its columns) ends with one line
+``peftkit: error: ...`` on stderr and exit status 2; set ``PEFTKIT_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import train as T
+from .config import AdapterConfig
+from .core import adapters, trainable_parameters
+from .data import (
+    VADER_REQUIREMENT,
+    DataError,
+    Example,
+    fetch_vader,
+    load_file,
+    minilm_path,
+    split_dataset,
+    vader,
+    vader_path,
+)
+from .inject import adapt, merge_and_unload
+from .methods import METHODS
+from .state import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    export_lora,
+    load_adapter,
+    read_adapter_config,
+    save_adapter,
+)
+
+PROG = "peftkit"
+METRICS_NAME = "metrics.json"
+VADER = "vader"
+USER_DATA_TEST_FRACTION = 0.1
+# Sentences for the merge check: any text will do, the check compares two models on it.
+PROBE_TEXTS = (
+    "A warm, funny and beautifully acted film.",
+    "Dull, predictable and far too long.",
+    "The plot",
+    "It is neither good nor bad, just there, like a screensaver with a soundtrack.",
+)
+USER_ERRORS = (DataError, OSError, ValueError, TypeError, KeyError)
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{PROG}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# -- small helpers --------------------------------------------------------------------------------
+def _status(text: str) -> None:
+    # Note: only on a terminal, so that a failing command's stderr in a log is its one error line.
+    if sys.stderr.isatty():
+        print(text, file=sys.stderr, flush=True)
+
+
+def _quiet_transformers() -> None:
+    # Note: the CLI reads local folders only; these keep transformers off the network and quiet
+    # about the new classification head, which is expected. An explicit user setting wins.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import transformers
+
+    if os.environ["TRANSFORMERS_VERBOSITY"] == "error":
+        transformers.logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+        transformers.logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # "Loading weights": instant from local disk
+
+
+def _set_threads(n: int | None) -> str:
+    """Set torch's CPU threads: ``n``, or by default as many as there are idle cores.
+
+    Note: measured on a 2-core machine at load 12, two threads per process made a MiniLM step
+    4-5x slower than one (each op waits on a descheduled partner thread), while on an idle
+    machine two threads are faster. So the default counts idle cores from the 1-minute load
+    average; ``--threads`` overrides it."""
+    import torch
+
+    if n is not None:
+        if n < 1:
+            raise CliError(f"--threads {n} must be at least 1")
+        torch.set_num_threads(n)
+        return f"{n} (--threads)"
+    cores = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return f"{cores}"
+    chosen = max(1, min(cores, round((os.cpu_count() or cores) - load)))
+    torch.set_num_threads(chosen)
+    return f"{chosen} (load {load:.1f} on {os.cpu_count()} cores; --threads overrides)"
+
+
+def _targets(values: Sequence[str] | None) -> str | tuple[str, ...] | None:
+    """``--target-modules query value``, ``query,value``, ``all-linear`` or one regex."""
+    if not values:
+        return None
+    names = [n for v in values for n in v.split(",") if n.strip()]
+    if len(names) == 1 and (names[0] == "all-linear" or re.search(r"[\\^$*+?()\[\]|{}]", names[0])):
+        return names[0]
+    return tuple(n.strip() for n in names)
+
+
+def _fmt_targets(config: AdapterConfig) -> str:
+    tm = config.target_modules
+    return tm if isinstance(tm, str) else ", ".join(tm or ())
+
+
+def _describe(config: AdapterConfig, options: dict[str, Any]) -> str:
+    parts = [config.method]
+    for name in ("r", "init_r", "target_r", "lora_alpha"):
+        if hasattr(config, name):
+            parts.append(f"{name}={getattr(config, name)}")
+    parts += [f"{k}={v}" for k, v in options.items() if k not in ("r", "init_r", "lora_alpha")]
+    return " ".join(parts)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} k" if n >= 1e3 else str(n)
+
+
+def _metric_name(task: str) -> str:
+    return "perplexity" if task == T.CAUSAL_LM else "accuracy"
+
+
+def _read_info(adapter: Path) -> dict[str, Any]:
+    path = adapter / T.TRAIN_INFO
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CliError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise CliError(f"{path}: expected a JSON object")
+    return info
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# -- data for a run -------------------------------------------------------------------------------
+def _training_data(
+    args: argparse.Namespace, task: str
+) -> tuple[tuple[Example, ...], tuple[Example, ...], tuple[str, ...], str]:
+    """``(train, test, label_names, description)`` for ``peftkit train``."""
+    if args.data is None:
+        if args.eval_data is not None:
+            raise CliError("--eval-data needs --data (the default task has its own test split)")
+        s = vader(0)
+        desc = f"VADER movie-review snippets: {len(s.train):,} train, {len(s.test):,} held out"
+        return s.train, s.test, s.label_names, desc
+    ds = load_file(args.data, task=task)
+    if args.eval_data is not None:
+        names = ds.label_names if task == T.CLASSIFY else None
+        test = load_file(args.eval_data, task=task, label_names=names).examples
+        desc = f"{args.data}: {len(ds.examples):,} train; {args.eval_data}: {len(test):,} held out"
+        return ds.examples, test, ds.label_names, desc
+    s = split_dataset(ds.examples, 0, USER_DATA_TEST_FRACTION, label_names=ds.label_names)
+    desc = f"{args.data}: {len(s.train):,} train, {len(s.test):,} held out (10 %, split seed 0)"
+    return s.train, s.test, s.label_names, desc
+
+
+def _eval_data(
+    args: argparse.Namespace, info: dict[str, Any], task: str, label_names: Sequence[str] | None
+) -> tuple[tuple[Example, ...], tuple[str, ...], str]:
+    """``(examples, label_names, description)`` for ``peftkit eval``: the whole ``--data`` file,
+    else the held-out split the adapter was trained against (recorded in peftkit_train.json)."""
+    names = tuple(label_names) if label_names else None
+    if args.data is not None:
+        ds = load_file(args.data, task=task, label_names=names)
+        return ds.examples, ds.label_names, f"{args.data} ({len(ds.examples):,} examples)"
+    source = info.get("data", VADER)
+    if source == VADER:
+        s = vader(0)
+        return s.test, s.label_names, f"VADER held-out test split ({len(s.test):,} examples)"
+    if info.get("eval_data"):
+        ds = load_file(info["eval_data"], task=task, label_names=names)
+        return ds.examples, ds.label_names, f"{info['eval_data']} ({len(ds.examples):,} examples)"
+    ds = load_file(source, task=task, label_names=names)
+    s = split_dataset(ds.examples, 0, USER_DATA_TEST_FRACTION, label_names=ds.label_names)
+    return s.test, s.label_names, f"{source}, held-out split ({len(s.test):,} examples)"
+
+
+def _rebuild(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], str, tuple[str, ...]]:
+    """Base model + adapter from an adapter folder: ``(model, tokenizer, info, task, labels)``.
+
+    The base model, task and labels come from the command line, else from the folder's
+    ``peftkit_train.json``, else (a PEFT folder) from ``base_model_name_or_path``."""
+    adapter = Path(args.adapter)
+    config = read_adapter_config(adapter)
+    info = _read_info(adapter)
+    task = getattr(args, "task", None) or info.get("task") or T.CLASSIFY
+    model_path = args.model or info.get("model") or config.get("base_model_name_or_path")
+    if not model_path:
+        raise CliError(
+            f"{adapter} does not say which base model it adapts; pass --model with its folder"
+        )
+    labels: tuple[str, ...] = ()
+    if task == T.CLASSIFY:
+        labels = tuple(info.get("label_names") or ())
+        if not labels and getattr(args, "data", None) is not None:
+            labels = load_file(args.data, task=task).label_names
+        if not labels:
+            labels = vader(0).label_names if vader_path().is_file() else ("0", "1")
+    _quiet_transformers()
+    _set_threads(args.threads)
+    _status(f"loading {model_path} + {adapter} ...")
+    model, tokenizer = T.load_model(model_path, task, label_names=labels)
+    if info.get("quantize") == "nf4":
+        T.quantize_base(model, config.get("modules_to_save") or ())
+    load_adapter(model, adapter)
+    return model, tokenizer, info, task, labels
+
+
+def _new_output_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CliError(f"{out} exists and is not an empty folder; choose a new --output")
+    return out
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_fetch_data(args: argparse.Namespace) -> int:
+    if not vader_path(args.cache_dir).is_file():
+        _status(f"downloading the {VADER_REQUIREMENT} sdist from PyPI ...")
+    print(fetch_vader(args.cache_dir))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    task = args.task
+    if args.model is None and task == T.CAUSAL_LM:
+        raise CliError("--task causal-lm needs --model, a local causal LM folder (e.g. SmolLM2)")
+    if args.method not in METHODS:
+        raise CliError(
+            f"unknown method {args.method!r}; choose one of {', '.join(sorted(METHODS))}"
+        )
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    if args.max_length < 2:
+        raise CliError(f"--max-length {args.max_length} is too short; use e.g. 64")
+    if not args.lr > 0:
+        raise CliError(f"--lr {args.lr} must be positive, e.g. --lr 2e-3")
+    model_path = Path(args.model) if args.model is not None else minilm_path()
+    T.check_model_folder(model_path)
+    options = dict(T.parse_option(o) for o in args.config)
+    train, test, label_names, data_desc = _training_data(args, task)
+    if task == T.CLASSIFY and len(label_names) < 2:
+        raise CliError(f"{args.data}: classification needs at least 2 labels, found {label_names}")
+
+    _quiet_transformers()
+    import torch
+
+    threads = _set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    _status(f"loading {model_path} ...")
+    model, tokenizer = T.load_model(model_path, task, label_names=label_names)
+    _, total = trainable_parameters(model)
+    targets = _targets(args.target_modules) or T.default_targets(model)
+    heads = T.head_modules(model, len(label_names)) if task == T.CLASSIFY else None
+    config = T.build_config(
+        args.method,
+        target_modules=targets,
+        modules_to_save=heads,
+        r=args.r,
+        alpha=args.alpha,
+        steps=args.steps,
+        options=options,
+    )
+    if args.quantize == "nf4":
+        T.quantize_base(model, heads or ())
+    adapt(model, config)
+    trainable, _ = trainable_parameters(model)
+    n_layers = sum(1 for _ in adapters(model))
+
+    train_enc = T.encode(tokenizer, train, task, args.max_length)
+    test_enc = T.encode(tokenizer, test, task, args.max_length)
+    metric = _metric_name(task)
+    print(f"model      {model_path} ({type(model).__name__}, {_millions(total)} parameters)")
+    print(f"data       {data_desc}")
+    extra = f" + {', '.join(heads)} trained in full" if heads else ""
+    extra += ", NF4 base" if args.quantize else ""
+    extra += f", LoRA+ ratio {args.loraplus_ratio:g}" if args.loraplus_ratio else ""
+    print(
+        f"adapter    {_describe(config, options)} on {_fmt_targets(config)} "
+        f"({n_layers} modules){extra}"
+    )
+    print(f"trainable  {trainable:,} parameters ({100 * trainable / total:.2f} % of the model)")
+    print(f"threads    {threads}")
+    sys.stdout.flush()
+    before = T.evaluate(model, test_enc, task=task, batch_size=args.eval_batch_size, desc="eval")
+    print(f"{metric} before training: {before:.4f}")
+    sys.stdout.flush()
+
+    optimizer = T.make_optimizer(
+        model, args.lr, weight_decay=args.weight_decay, loraplus_ratio=args.loraplus_ratio
+    )
+    fit = T.fit(
+        model,
+        train_enc,
+        task=task,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        optimizer=optimizer,
+        seed=args.seed,
+    )
+    after = T.evaluate(model, test_enc, task=task, batch_size=args.eval_batch_size, desc="eval")
+    first = sum(fit.losses[:10]) / len(fit.losses[:10])
+    last = sum(fit.losses[-10:]) / len(fit.losses[-10:])
+    print(
+        f"trained    {args.steps} steps x {args.batch_size}, lr {args.lr:g}, max length "
+        f"{args.max_length}: loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps), "
+        f"{fit.seconds:.1f} s ({fit.median_step:.2f} s/step median)"
+    )
+    print(f"{metric} after training:  {after:.4f}")
+
+    out = Path(args.output)
+    save_adapter(model, out)
+    info = {
+        "model": str(model_path.resolve()),
+        "task": task,
+        "num_labels": len(label_names) if task == T.CLASSIFY else None,
+        "label_names": list(label_names) if task == T.CLASSIFY else None,
+        "max_length": args.max_length,
+        "data": str(Path(args.data).resolve()) if args.data is not None else VADER,
+        "eval_data": str(Path(args.eval_data).resolve()) if args.eval_data is not None else None,
+        "method": config.method,
+        "seed": args.seed,
+        "quantize": args.quantize,
+    }
+    _write_json(out / T.TRAIN_INFO, info)
+    seconds = time.perf_counter() - started
+    metrics = {
+        f"{metric}_before": before,
+        f"{metric}_after": after,
+        "held_out_examples": len(test_enc),
+        "method": config.method,
+        "task": task,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "max_length": args.max_length,
+        "seed": args.seed,
+        "quantize": args.quantize,
+        "loraplus_ratio": args.loraplus_ratio,
+        "seconds": round(seconds, 2),
+        "train_seconds": round(fit.seconds, 2),
+        "median_step_seconds": round(fit.median_step, 4),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "peak_rss_bytes": T.peak_rss_bytes(),
+        "loss_first10": first,
+        "loss_last10": last,
+    }
+    _write_json(out / METRICS_NAME, metrics)
+    print(
+        f"time       {seconds:.1f} s in all; peak memory (RSS) "
+        f"{metrics['peak_rss_bytes'] / 2**30:.2f} GiB"
+    )
+    print(f"wrote      {out}/ ({WEIGHTS_NAME}, {CONFIG_NAME}, {T.TRAIN_INFO}, {METRICS_NAME})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model, tokenizer, info, task, labels = _rebuild(args)
+    examples, _, desc = _eval_data(args, info, task, labels if task == T.CLASSIFY else None)
+    max_length = args.max_length or int(info.get("max_length") or 64)
+    enc = T.encode(tokenizer, examples, task, max_length)
+    value = T.evaluate(model, enc, task=task, batch_size=args.eval_batch_size)
+    print(f"data       {desc}")
+    print(f"{_metric_name(task)}   {value:.4f}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    out = _new_output_dir(args.output)
+    model, tokenizer, _, _, _ = _rebuild(args)
+    enc = tokenizer(list(PROBE_TEXTS), padding=True, return_tensors="pt")
+    probe = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}  # (4, T)
+    # Raises (so nothing is written) when merged and adapted logits differ on the probe.
+    merged: Any = merge_and_unload(model, probe=probe, atol=args.atol)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        merged.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"checked    merged == adapted logits on a {tuple(probe['input_ids'].shape)} probe")
+    print(f"wrote      {out}/ (a plain {type(merged).__name__} folder for transformers)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    model, _, _, _, _ = _rebuild(args)
+    out = export_lora(model, args.output, rank=args.rank)
+    info = Path(args.adapter) / T.TRAIN_INFO
+    if info.is_file():
+        shutil.copyfile(info, out / T.TRAIN_INFO)
+    summary = summarize_adapter(out)
+    print(f"wrote      {out}/ (plain PEFT LoRA, ranks {summary['rank_summary']})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    summary = summarize_adapter(args.adapter)
+    if args.plot is not None:
+        plot_ranks(summary, args.plot)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"adapter    {summary['path']}")
+    print(f"method     {summary['method']} (peft_type {summary['peft_type']})")
+    if summary["base_model"]:
+        print(f"base model {summary['base_model']}")
+    print(f"targets    {_short_targets(summary['targets'])} -> {len(summary['modules'])} modules")
+    print(f"ranks      {summary['rank_summary']}")
+    for name, n in summary["modules_to_save"].items():
+        print(f"in full    {name} ({n:,} parameters)")
+    print(
+        f"parameters {summary['trainable_parameters']:,} trainable"
+        + (f" (+ {summary['frozen_parameters']:,} frozen)" if summary["frozen_parameters"] else "")
+    )
+    files = ", ".join(f"{k} {v:,}" for k, v in summary["files"].items())
+    print(f"on disk    {summary['bytes']:,} bytes ({files})")
+    width = max((len(m) for m in summary["modules"]), default=6)
+    print()
+    print(f"{'module':<{width}}  {'rank':>5}  {'params':>10}")
+    for name, m in summary["modules"].items():
+        rank = "?" if m["rank"] is None else str(m["rank"])
+        print(f"{name:<{width}}  {rank:>5}  {m['parameters']:>10,}")
+    if args.plot is not None:
+        print(f"\nwrote      {args.plot}")
+    return 0
+
+
+def _short_targets(targets: str) -> str:
+    """Full module paths (as export_lora and PEFT's all-linear write them) shown by their tails."""
+    names = [t.strip() for t in targets.split(",")]
+    if len(names) <= 4 or not all("." in n for n in names):
+        return targets
+    tails = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return f"{', '.join(tails)} (listed as {len(names)} full paths)"
+
+
+# -- inspect without a model ----------------------------------------------------------------------
+_FROZEN_PARTS = (".base_layer.",)
+_FROZEN_SHARED = ("vera_A", "vera_B")
+_ADAPTER_PARTS = ("lora_", "vera_", "base_layer", "modules_to_save")
+
+
+def _owner(path: str, targets: Any, saved: Sequence[str]) -> tuple[str, str]:
+    """``(module path, kind)`` for a tensor key (``base_model.model.`` stripped); kind is
+    ``"adapter"`` or ``"saved"``. The deepest prefix that the config's targets select wins."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        prefix, tail = ".".join(parts[:i]), parts[i - 1]
+        if tail in saved:
+            return prefix, "saved"
+        if isinstance(targets, str):
+            if targets != "all-linear" and re.fullmatch(targets, prefix):
+                return prefix, "adapter"
+        elif tail in targets:
+            return prefix, "adapter"
+    for i, part in enumerate(parts):
+        if i and part.startswith(_ADAPTER_PARTS):
+            return ".".join(parts[:i]), "adapter"
+    return ".".join(parts[:-1]), "adapter"
+
+
+def _rank(shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """The rank of one module from its tensor shapes: A is (r, in) in every LoRA-shaped layout;
+    VeRA's λ_d has one entry per rank; otherwise the smallest side of a 2-D factor."""
+    for suffix in ("lora_A.weight", "lora_embedding_A", "lora_A"):
+        if suffix in shapes and shapes[suffix]:
+            return int(shapes[suffix][0])
+    for suffix in ("vera_lambda_d", "lambda_d"):
+        if suffix in shapes:
+            n = 1
+            for s in shapes[suffix]:
+                n *= s
+            return n
+    sides = [min(s) for s in shapes.values() if len(s) == 2]
+    return min(sides) if sides else None
+
+
+def summarize_adapter(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Method, targets, per-module ranks, parameters and bytes of an adapter folder, read from
+    ``adapter_config.json`` and the safetensors header alone (no model, no tensor data)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(directory)
+    config = read_adapter_config(folder)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CliError(f"{weights}: missing; {folder} has a config but no safetensors weights")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise CliError(f"{weights}: unreadable safetensors file ({e})") from None
+    targets = config.get("target_modules") or ()
+    if isinstance(targets, list):
+        targets = tuple(targets)
+    saved = tuple(config.get("modules_to_save") or ())
+    modules: dict[str, dict[str, Any]] = {}
+    in_full: dict[str, int] = {}
+    grouped: dict[str, dict[str, tuple[int, ...]]] = {}
+    trainable = frozen = 0
+    for key, shape in sorted(shapes.items()):
+        numel = 1
+        for s in shape:
+            numel *= s
+        if not key.startswith(PREFIX):  # shared state, e.g. VeRA's base_model.vera_A
+            if key.rsplit(".", 1)[-1] in _FROZEN_SHARED:
+                frozen += numel
+            else:
+                trainable += numel
+            continue
+        path = key[len(PREFIX) :]
+        if any(p in f".{path}." for p in _FROZEN_PARTS):
+            frozen += numel
+            continue
+        trainable += numel
+        owner, kind = _owner(path, targets, saved)
+        if kind == "saved":
+            in_full[owner] = in_full.get(owner, 0) + numel
+            continue
+        grouped.setdefault(owner, {})[path[len(owner) + 1 :]] = shape
+        modules.setdefault(owner, {"rank": None, "parameters": 0})["parameters"] += numel
+    for owner, tensors in grouped.items():
+        modules[owner]["rank"] = _rank(tensors)
+    ranks = sorted({m["rank"] for m in modules.values() if m["rank"] is not None})
+    if len(ranks) == 1:
+        rank_summary = f"{ranks[0]} on every module"
+    elif ranks:
+        rank_summary = f"{ranks[0]}..{ranks[-1]} (per module below)"
+    else:
+        rank_summary = "unknown"
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    method = config.get("peftkit_method") or (
+        "dora" if config.get("use_dora") else str(config.get("peft_type", "?")).lower()
+    )
+    return {
+        "path": str(folder),
+        "method": method,
+        "peft_type": config.get("peft_type"),
+        "base_model": config.get("base_model_name_or_path"),
+        "targets": targets if isinstance(targets, str) else ", ".join(targets),
+        "rank_summary": rank_summary,
+        "modules": modules,
+        "modules_to_save": in_full,
+        "trainable_parameters": trainable,
+        "frozen_parameters": frozen,
+        "bytes": sum(files.values()),
+        "files": files,
+    }
+
+
+def plot_ranks(summary: dict[str, Any], path: str) -> None:
+    """A heatmap of rank per module: rows are layer indices, columns module names within a layer."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CliError("--plot needs matplotlib: pip install matplotlib") from None
+    cells: dict[tuple[str, str], int] = {}
+    for name, m in summary["modules"].items():
+        hit = re.search(r"\.(\d+)\.", f".{name}.")
+        layer = hit.group(1) if hit else "-"
+        column = name[hit.end() - 1 :] if hit else name
+        cells[(layer, column)] = m["rank"] if m["rank"] is not None else 0
+    if not cells:
+        raise CliError(f"{summary['path']}: no adapted modules to plot")
+    rows = sorted(
+        {r for r, _ in cells}, key=lambda r: (not r.isdigit(), int(r) if r.isdigit() else 0)
+    )
+    cols = sorted({c for _, c in cells})
+    grid = [[cells.get((r, c), 0) for c in cols] for r in rows]  # (layers, module names)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.0 + 0.35 * len(rows)))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_ylabel("layer")
+    ax.set_title(f"{summary['method']} ranks: {Path(summary['path']).name}")
+    if len(rows) * len(cols) <= 400:
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                ax.text(j, i, str(value), ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(image, ax=ax, label="rank")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -- the parser -----------------------------------------------------------------------------------
+def build_parser() -> Parser:
+    parser = Parser(
+        prog=PROG,
+        description="Parameter-efficient fine-tuning from the command line.",
+        epilog="Errors print one line; PEFTKIT_DEBUG=1 shows the traceback. "
+        "TQDM_DISABLE=1 hides progress bars.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fetch-data", help="download and cache the VADER movie-review data (once)")
+    p.add_argument("--cache-dir", help="default: $PEFTKIT_CACHE or ~/.cache/peftkit")
+    p.set_defaults(func=cmd_fetch_data)
+
+    methods = ", ".join(sorted(METHODS))
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model with an adapter (default: LoRA on all-MiniLM-L6-v2, VADER)",
+        description="Fine-tune with an adapter; print held-out accuracy (or perplexity) before "
+        "and after; write the adapter and metrics.json to --output.",
+    )
+    p.add_argument("--model", help="a local Hugging Face folder (default: all-MiniLM-L6-v2)")
+    p.add_argument("--method", default="lora", help=f"one of: {methods} (default: lora)")
+    p.add_argument("--r", type=int, help="rank (init_r for AdaLoRA); default: the method's")
+    p.add_argument("--alpha", type=float, help="lora_alpha where the method has it (default 2*r)")
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other field of the method's config, e.g. --config use_rslora=true (repeatable)",
+    )
+    p.add_argument(
+        "--target-modules",
+        nargs="+",
+        metavar="NAME",
+        help="module names (query value), a regex, or all-linear (default: the attention "
+        "query/value projections)",
+    )
+    p.add_argument("--lr", type=float, default=2e-3, help="constant learning rate (2e-3)")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps (100)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step (32)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per example (64)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0)")
+    p.add_argument("--seed", type=int, default=0, help="head/adapter init and batch order (0)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: one per idle core, from the load average)",
+    )
+    p.add_argument(
+        "--data",
+        help="JSONL/CSV/TSV with a text column (and a label column to classify); 10 %% is held "
+        "out unless --eval-data is given (default: VADER)",
+    )
+    p.add_argument("--eval-data", help="a held-out file in the same format as --data")
+    p.add_argument("--task", choices=T.TASKS, default=T.CLASSIFY, help="(default: classify)")
+    p.add_argument("--output", default="peftkit-out", help="adapter folder (./peftkit-out)")
+    p.add_argument("--eval-batch-size", type=int, default=128, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--loraplus-ratio",
+        type=float,
+        help="LoRA+ (peftkit.param_groups): B's learning rate is RATIO x A's, e.g. 16",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("nf4",),
+        help="QLoRA: hold the frozen base's linear layers in NF4 (the head stays dense)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    def adapter_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--adapter", required=True, help="an adapter folder (peftkit's or PEFT's)")
+        p.add_argument("--model", help="the base model folder (default: the one it was trained on)")
+        p.add_argument("--threads", type=int, help="CPU threads (default: one per idle core)")
+
+    p = sub.add_parser("eval", help="accuracy or perplexity of a base model plus an adapter")
+    adapter_args(p)
+    p.add_argument(
+        "--data", help="evaluate on this whole file (default: the training run's held-out split)"
+    )
+    p.add_argument("--task", choices=T.TASKS, help="(default: the training run's)")
+    p.add_argument("--max-length", type=int, help="(default: the training run's, else 64)")
+    p.add_argument("--eval-batch-size", type=int, default=128, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="write a merged model folder that transformers loads")
+    adapter_args(p)
+    p.add_argument("--output", required=True, help="a new folder for the merged model")
+    p.add_argument("--task", choices=T.TASKS, help="(default: the training run's)")
+    p.add_argument("--atol", type=float, default=1e-4, help="merged vs adapted logits (1e-4)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export", help="write the adapter as a plain PEFT LoRA (export_lora)")
+    adapter_args(p)
+    p.add_argument("--output", required=True, help="folder for the LoRA")
+    p.add_argument("--rank", type=int, help="truncate to this rank where the method allows")
+    p.add_argument("--task", choices=T.TASKS, help="(default: the training run's)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("inspect", help="method, targets, ranks, parameters, bytes of an adapter")
+    p.add_argument("adapter", help="an adapter folder (peftkit's or PEFT's)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--plot", metavar="PNG", help="also draw a heatmap of rank per module")
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``peftkit`` command; returns the exit status (0, 2 for bad input, 130 on ^C)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `peftkit inspect DIR | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except (CliError, *USER_ERRORS) as e:
+        if os.environ.get("PEFTKIT_DEBUG"):
+            raise
+        text = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, KeyError):
+            text = f"missing key {text}"
+        print(f"{PROG}: error: {text}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
