@@ -113,6 +113,13 @@ def tiny_mlp(seed: int = 0) -> nn.Module:
     return TinyMLP().eval()
 
 
+def tiny_llama_nf4(seed: int = 0) -> nn.Module:
+    """The tiny Llama with every linear but the head in NF4 (QLoRA's base)."""
+    from peftkit.quant import quantize_
+
+    return quantize_(tiny_llama(seed))
+
+
 MODELS = {
     "mlp": tiny_mlp,
     "llama": tiny_llama,
@@ -120,6 +127,7 @@ MODELS = {
     "mistral": tiny_mistral,
     "gpt2": tiny_gpt2,
     "bert": tiny_bert,
+    "nf4": tiny_llama_nf4,
 }
 
 

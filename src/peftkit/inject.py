@@ -16,6 +16,7 @@ from .core import (
     AdapterState,
     ModulesToSave,
     adapters,
+    base_dtype,
     get_state,
     layer_kind,
     unwrap,
@@ -249,6 +250,9 @@ def merge_and_unload(
         layer.merge()
     tied = any(a.weight_tied for _, a in adapters(root))
     _restore(root, merged=True)
+    for name, m in list(root.named_modules()):
+        if name and layer_kind(m) == NF4:  # a plain model: no quantised layer left behind
+            _set_module(root, name, _dense_from_nf4(m, m.dequantize(), dtype))
     cfg = getattr(root, "config", None)
     if tied and cfg is not None and getattr(cfg, "tie_word_embeddings", False):
         cfg.tie_word_embeddings = False  # the merged embedding no longer equals the head
@@ -288,26 +292,27 @@ def _cast_floating(root: nn.Module, dtype: torch.dtype) -> None:
             t.data = t.data.to(dtype)
 
 
+def _dense_from_nf4(base: nn.Module, weight: Tensor, dtype: torch.dtype | None) -> nn.Linear:
+    """A frozen ``nn.Linear`` holding ``weight`` (dense ``(out, in)``) and ``base``'s bias."""
+    out_dtype = dtype or weight.dtype
+    bias = getattr(base, "bias", None)
+    dense = nn.Linear(
+        weight.shape[1],
+        weight.shape[0],
+        bias=isinstance(bias, Tensor),
+        device=weight.device,
+        dtype=out_dtype,
+    )
+    dense.weight.copy_(weight.to(out_dtype))
+    if isinstance(bias, Tensor):
+        dense.bias.copy_(bias.to(out_dtype))
+    return dense.requires_grad_(False).train(base.training)
+
+
 def _set_module_and_merge_nf4(
     root: nn.Module, name: str, layer: Adapter, dtype: torch.dtype | None
 ) -> None:
-    base = layer.base
-    w = base.dequantize()  # type: ignore[operator]
-    out_dtype = dtype or w.dtype
-    dense = nn.Linear(
-        layer.in_features,
-        layer.out_features,
-        bias=base.bias is not None,
-        device=w.device,
-        dtype=out_dtype,
-    )
-    dense.weight.copy_(layer.merged_weight().to(out_dtype))
-    bias = getattr(base, "bias", None)
-    if isinstance(bias, Tensor):
-        dense.bias.copy_(bias.to(out_dtype))
-    dense.weight.requires_grad_(False)
-    if dense.bias is not None:
-        dense.bias.requires_grad_(False)
+    dense = _dense_from_nf4(layer.base, layer.merged_weight(), dtype or base_dtype(layer.base))
     layer.base = dense
     layer.kind = "linear"
     layer.merged = True

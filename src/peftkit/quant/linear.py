@@ -177,7 +177,7 @@ class NF4Linear(nn.Module):
         layer._set_nf4(q)
         if linear.bias is not None and layer.bias is not None:
             layer.bias.data = linear.bias.detach().clone()
-        return layer
+        return layer.train(linear.training)
 
     def _set_nf4(self, q: NF4Tensor) -> None:
         self.weight = q.packed
