@@ -40,7 +40,7 @@ def _is_default_like(value: Any) -> bool:
 def _as_tuple(value: Any, name: str, item_type: type) -> tuple[Any, ...] | None:
     if value is None:
         return None
-    if isinstance(value, item_type):
+    if isinstance(value, item_type) and not isinstance(value, bool):
         return (value,)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         out = tuple(value)

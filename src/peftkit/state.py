@@ -202,9 +202,21 @@ def _adapter_at(root: nn.Module, name: str) -> Adapter:
     return layer
 
 
-def _diff_message(path: Path, missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+def _diff_message(
+    path: Path,
+    missing: list[str],
+    unexpected: list[str],
+    shapes: list[str],
+    dtypes: tuple[str, ...] | list[str] = (),
+) -> str:
     parts = [f"{path}: tensors do not match the adapted model"]
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+    labelled = (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("wrong shape", shapes),
+        ("non-floating dtype", dtypes),
+    )
+    for label, items in labelled:
         if items:
             more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
             parts.append(f"{label}: {', '.join(sorted(items)[:8])}{more}")
@@ -223,7 +235,11 @@ def load_adapter(
     method = method_for_dict(d, source=source)
     config = method.config_cls.from_dict(d, source=source)
     tensors = read_adapter_tensors(directory)
-    adapt(model, config)
+    try:
+        adapt(model, config)
+    except (ValueError, TypeError) as e:
+        # Note: e.g. target_modules naming modules this model lacks: say which file asked.
+        raise type(e)(f"{source}: {e}") from None
     try:
         _load_tensors(model, d, tensors, Path(directory) / WEIGHTS_NAME)
     except BaseException:
@@ -272,8 +288,21 @@ def _load_tensors(
         bw = stored_weight(_adapter_at(root, name).base)
         if w.shape != bw.shape:
             shapes.append(f"{name}.base_layer.weight {tuple(w.shape)} vs {tuple(bw.shape)}")
-    if missing or unexpected or shapes:
-        raise ValueError(_diff_message(path, missing, unexpected, shapes))
+    # Note: float16/bfloat16 files into float32 layers are cast (PEFT saves half precision), but
+    # integer or bool tensors into floating parameters are refused, never silently cast.
+    dtypes = [
+        f"{k} {given[k].dtype} vs {t.dtype}"
+        for k, t in expected.items()
+        if k in given and t.is_floating_point() and not given[k].is_floating_point()
+    ]
+    dtypes += [
+        f"{name}.base_layer.weight {w.dtype} vs {bw.dtype}"
+        for name, w in base_weights.items()
+        if (bw := stored_weight(_adapter_at(root, name).base)).is_floating_point()
+        and not w.is_floating_point()
+    ]
+    if missing or unexpected or shapes or dtypes:
+        raise ValueError(_diff_message(path, missing, unexpected, shapes, dtypes))
     for k, t in expected.items():
         t.copy_(given[k].to(t.dtype))
     for name, w in base_weights.items():
