@@ -48,11 +48,30 @@ def _ours(config_factory: Callable[[], peftkit.AdapterConfig]) -> Callable[[nn.M
     return lambda model: peftkit.adapt(model, config_factory())
 
 
+def _peft_frozen_a(dropout: float) -> Callable[[nn.Module], nn.Module]:
+    """PEFT's LoRA-FA: a LoRA whose ``lora_A`` is frozen before the first forward, as
+    ``peft.optimizers.create_lorafa_optimizer`` does (its optimizer is not what is timed here)."""
+
+    def setup(model: nn.Module) -> nn.Module:
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(  # type: ignore[arg-type]
+            r=16, lora_alpha=32, target_modules=W1_TARGETS, lora_dropout=dropout))
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
+        return model
+
+    return setup
+
+
 def _full(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
 
+
+W1_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 # name -> (setup, the PEFT variant to compare with or None). Method issues add their rows here.
 VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], str | None]] = {
@@ -61,8 +80,51 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], str | None]] = {
              "peft-lora"),
     "peft-lora": (_peft(lambda: __import__("peft").LoraConfig(
         r=16, lora_alpha=32, target_modules=W1_TARGETS)), None),
+    "dora": (_ours(lambda: peftkit.LoraConfig(r=16, lora_alpha=32, target_modules=W1_TARGETS,
+                                              use_dora=True)), "peft-dora"),
+    "peft-dora": (_peft(lambda: __import__("peft").LoraConfig(
+        r=16, lora_alpha=32, target_modules=W1_TARGETS, use_dora=True)), None),
+    "lora_fa": (_ours(lambda: peftkit.LoraFAConfig(r=16, lora_alpha=32,
+                                                   target_modules=W1_TARGETS)), "peft-lora_fa"),
+    "peft-lora_fa": (_peft_frozen_a(0.0), None),
+    "lora_fa-dropout": (_ours(lambda: peftkit.LoraFAConfig(
+        r=16, lora_alpha=32, target_modules=W1_TARGETS, lora_dropout=0.1)),
+        "peft-lora_fa-dropout"),
+    "peft-lora_fa-dropout": (_peft_frozen_a(0.1), None),
+    # warmup_steps=0: every measured step pays the update of W
+    "delta_lora": (_ours(lambda: peftkit.DeltaLoraConfig(
+        r=16, lora_alpha=32, target_modules=W1_TARGETS, warmup_steps=0)), None),
+    # VeRA as BENCHMARKS.md measures PEFT: r = 256 on the attention projections only
+    "vera": (_ours(lambda: peftkit.VeraConfig(r=256, target_modules=W1_ATTN)), "peft-vera"),
+    "peft-vera": (_peft(lambda: __import__("peft").VeraConfig(r=256, target_modules=W1_ATTN)),
+                  None),
+    # MoRA r = 16: r̂ = round(√((in+out)·16)), so M has ≈ LoRA r16's parameters (type 6 default)
+    "mora": (_ours(lambda: peftkit.MoraConfig(r=16, target_modules=W1_TARGETS)), None),
+    # AdaLoRA init_r 16 as BENCHMARKS.md: the forward/backward only on both sides (Step neither
+    # attaches peftkit's hook nor calls PEFT's update_and_allocate)
+    "adalora": (_ours(lambda: peftkit.AdaLoraConfig(
+        init_r=16, target_r=8, lora_alpha=32, total_step=1000, target_modules=W1_TARGETS)),
+        "peft-adalora"),
+    "peft-adalora": (_peft(lambda: __import__("peft").AdaLoraConfig(
+        init_r=16, target_r=8, lora_alpha=32, total_step=1000, target_modules=W1_TARGETS)),
+        None),
+    # DyLoRA r_max 16: the rank is a mask, so every step costs full rank; frozen adds the
+    # detach-mask of A and B (PEFT has no DyLoRA)
+    "dylora": (_ours(lambda: peftkit.DyLoraConfig(r=16, lora_alpha=32,
+                                                  target_modules=W1_TARGETS)), None),
+    "dylora-frozen": (_ours(lambda: peftkit.DyLoraConfig(
+        r=16, lora_alpha=32, frozen=True, target_modules=W1_TARGETS)), None),
+    # DoRA-Mao r0 16 → 8, no dropout; steps fall in the warm-up: importance EMA + DEM every step
+    "dora_dynamic": (_ours(lambda: peftkit.DoraDynamicConfig(
+        init_r=16, target_r=8, lora_alpha=32, lora_dropout=0.0, total_step=1000,
+        target_modules=W1_TARGETS)), None),
     "full": (_full, None),
 }
+
+
+# Variants whose timed step includes their training hook (peftkit.attach); the others time the
+# forward/backward/update only.
+ATTACHED = {"delta_lora"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,15 +149,19 @@ def main(argv: list[str] | None = None) -> None:
         model = VARIANTS[n][0](w1_model())
         models[n] = model
         steps[n] = Step(model, ids)
+        if n in ATTACHED:
+            peftkit.attach(steps[n].opt, model)
     saved = {n: saved_activation_bytes(m, lambda m=m: m(input_ids=ids, labels=ids))
              for n, m in models.items()}
     times = interleaved(steps, rounds=args.rounds, warmup=args.warmup)
     floor = ratio_stats(times, "floor")
     mib = 2**20
+    floor_s = sorted(times["floor"])[len(times["floor"]) // 2]
     print(f"W1: Llama 512x4, batch 4x256, fp32, {torch.get_num_threads()} threads, "
-          f"{args.rounds} interleaved rounds; floor step {sorted(times['floor'])[len(times['floor'])//2]:.3f} s")
+          f"{args.rounds} interleaved rounds; floor step {floor_s:.3f} s")
     print()
-    print("| variant | step / floor (median [q1, q3]) | step / PEFT | saved activations above floor |")
+    print("| variant | step / floor (median [q1, q3]) | step / PEFT | saved activations above "
+          "floor |")
     print("|---|---|---|---|")
     for n in names:
         med, q1, q3 = floor[n]

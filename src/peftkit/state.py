@@ -341,7 +341,6 @@ def export_lora(
         if isinstance(m, ModulesToSave):
             for pname, t in m.trained.state_dict().items():
                 tensors[f"{PREFIX}{name}.{pname}"] = t
-    src = state.config
     d: dict[str, Any] = {
         "peft_type": "LORA",
         "r": r,
@@ -354,7 +353,10 @@ def export_lora(
         "use_dora": False,
         "init_lora_weights": True,
         "bias": "none",
-        "modules_to_save": list(src.modules_to_save) if src.modules_to_save else None,
+        # Note: every module trained in full, by path (LongLoRA's ``trainable`` adds some that
+        # ``config.modules_to_save`` does not name); the tensors above hold all of them.
+        "modules_to_save": [n for n, m in root.named_modules() if isinstance(m, ModulesToSave)]
+        or None,
         "fan_in_fan_out": any(a.kind == CONV1D for _, a in adapters(root)),
         "base_model_name_or_path": getattr(root, "name_or_path", None) or None,
         "task_type": None,

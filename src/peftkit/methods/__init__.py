@@ -6,10 +6,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from . import lora
+from . import adalora, delta_lora, dora, dora_dynamic, dylora, longlora, lora, lora_fa, mora, vera
 from .registry import LayerSpec, Method
 
-METHODS: dict[str, Method] = {m.name: m for m in (lora.METHOD,)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        lora.METHOD,
+        dora.METHOD,
+        vera.METHOD,
+        mora.METHOD,
+        dylora.METHOD,
+        dora_dynamic.METHOD,
+        adalora.METHOD,
+        lora_fa.METHOD,
+        delta_lora.METHOD,
+        longlora.METHOD,
+    )
+}
 
 
 def method_for_dict(d: Mapping[str, Any], *, source: str = "config") -> Method:
