@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..core import EMBEDDING, LINEAR, NF4, dense_weight
-from .lora import LoraConfig, LoraLayer
+from .lora import LoraConfig, LoraLayer, layer_kwargs
 from .registry import LayerSpec, Method
 
 
@@ -351,16 +351,7 @@ class DoraLayer(LoraLayer):
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> DoraLayer:
     assert isinstance(config, LoraConfig)
-    r = int(spec.pattern_value(config.rank_pattern, config.r))
-    alpha = float(spec.pattern_value(config.alpha_pattern, config.lora_alpha))
-    return DoraLayer(
-        base,
-        r=r,
-        alpha=alpha,
-        scaling=config.scaling(r, alpha),
-        dropout=config.lora_dropout,
-        init=config.init_lora_weights,
-    )
+    return DoraLayer(base, **layer_kwargs(config, spec))
 
 
 METHOD = Method(

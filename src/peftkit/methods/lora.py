@@ -180,18 +180,24 @@ def layer_is_embedding(base: nn.Module) -> bool:
     return isinstance(base, nn.Embedding)
 
 
-def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> LoraLayer:
-    assert isinstance(config, LoraConfig)
-    r = spec.pattern_value(config.rank_pattern, config.r)
-    alpha = spec.pattern_value(config.alpha_pattern, config.lora_alpha)
-    return LoraLayer(
-        base,
-        r=int(r),
-        alpha=float(alpha),
-        scaling=config.scaling(int(r), float(alpha)),
+def layer_kwargs(config: Any, spec: LayerSpec) -> dict[str, Any]:
+    """The keyword arguments of a LoRA-shaped layer for the module at ``spec``: rank and alpha
+    after ``rank_pattern``/``alpha_pattern``, the scale, dropout and init (shared by LoRA, DoRA
+    and LoRA-FA)."""
+    r = int(spec.pattern_value(config.rank_pattern, config.r))
+    alpha = float(spec.pattern_value(config.alpha_pattern, config.lora_alpha))
+    return dict(
+        r=r,
+        alpha=alpha,
+        scaling=config.scaling(r, alpha),
         dropout=config.lora_dropout,
         init=config.init_lora_weights,
     )
+
+
+def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> LoraLayer:
+    assert isinstance(config, LoraConfig)
+    return LoraLayer(base, **layer_kwargs(config, spec))
 
 
 METHOD = Method(

@@ -39,7 +39,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, layer_kind
-from .lora import LORA_UNSUPPORTED, LoraLayer
+from .lora import LORA_UNSUPPORTED, LoraLayer, layer_kwargs
 from .registry import LayerSpec, Method
 
 #: PEFT's ridge on A Aᵀ before the pseudo-inverse
@@ -229,16 +229,7 @@ def check(model: nn.Module, config: Any, targets: Sequence[tuple[str, nn.Module]
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> LoraFALayer:
     assert isinstance(config, LoraFAConfig)
-    r = int(spec.pattern_value(config.rank_pattern, config.r))
-    alpha = float(spec.pattern_value(config.alpha_pattern, config.lora_alpha))
-    return LoraFALayer(
-        base,
-        r=r,
-        alpha=alpha,
-        scaling=config.scaling(r, alpha),
-        dropout=config.lora_dropout,
-        init=config.init_lora_weights,
-    )
+    return LoraFALayer(base, **layer_kwargs(config, spec))
 
 
 def make_hook(
