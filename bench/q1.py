@@ -9,6 +9,7 @@ the bytes autograd saves for backward on a fixed 32 x 64 batch.
 
     python bench/q1.py lora full                       # appends rows to bench/q1_results.md
     python bench/q1.py lora:use_rslora=true            # any config field: METHOD:KEY=VALUE,...
+    python bench/q1.py qlora loraplus                  # LoRA on an NF4 base; LoRA+ (ratio 16)
     python bench/q1.py lora --steps 5 --results /tmp/smoke.md   # a smoke run
 
 Runs go through peftkit.train, the loop of ``peftkit train``: the seed-s run at lr x is the run
@@ -47,6 +48,13 @@ HEAD = ("classifier",)
 # and wants a much smaller step than an adapter starting from zero. Method issues may add a row.
 GRIDS: dict[str, tuple[float, ...]] = {
     "full": (2e-5, 5e-5, 1e-4),
+    # VeRA trains only two scaling vectors per layer; its paper uses learning rates ~10x LoRA's.
+    "vera": (5e-3, 1e-2, 2e-2),
+}
+# Rows that are LoRA with a training-side change rather than a registry method of their own.
+ALIASES: dict[str, dict[str, Any]] = {
+    "qlora": {"quantize": True},  # LoRA on a frozen NF4 base (double quantization)
+    "loraplus": {"loraplus_ratio": 16.0},  # LoRA+: B's lr 16 x A's (its paper's default)
 }
 ADAPTER_GRID = (1e-3, 2e-3, 5e-3)
 RESULTS = Path(__file__).resolve().parent / "q1_results.md"
@@ -83,13 +91,17 @@ class Variant:
     spec: str
     method: str
     options: dict[str, Any] = field(default_factory=dict)
+    quantize: bool = False
+    loraplus_ratio: float | None = None
 
     @classmethod
     def parse(cls, spec: str) -> Variant:
         method, _, rest = spec.partition(":")
         options = dict(T.parse_option(o) for o in rest.split(",") if o.strip())
+        if method in ALIASES:
+            return cls(spec, "lora", options, **ALIASES[method])
         if method != "full" and method not in peftkit.METHODS:
-            known = ", ".join(["full", *sorted(peftkit.METHODS)])
+            known = ", ".join(["full", *sorted(ALIASES), *sorted(peftkit.METHODS)])
             raise SystemExit(f"q1: unknown method {method!r}; choose from {known}")
         if method == "full" and options:
             raise SystemExit("q1: full fine-tuning takes no options")
@@ -135,6 +147,8 @@ def build(variant: Variant, seed: int, steps: int) -> nn.Module:
         steps=steps,
         options=variant.options,
     )
+    if variant.quantize:
+        T.quantize_base(model, HEAD)
     return peftkit.adapt(model, config)
 
 
@@ -142,7 +156,7 @@ def train_once(
     variant: Variant, data: Data, lr: float, seed: int, steps: int
 ) -> tuple[nn.Module, T.FitResult]:
     model = build(variant, seed, steps)
-    optimizer = T.make_optimizer(model, lr)
+    optimizer = T.make_optimizer(model, lr, loraplus_ratio=variant.loraplus_ratio)
     fit = T.fit(
         model,
         data.train,
@@ -239,15 +253,15 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.disable_progress_bar()
     started = time.perf_counter()
     data = load_data()
-    rows = []
     for v in variants:
         t0 = time.perf_counter()
         result = run_variant(v, data, args.steps)
-        rows.append(row(result, args.threads))
-        print(f"{rows[-1]}   [{time.perf_counter() - t0:.0f} s]", flush=True)
-    append(args.results, rows)
+        line = row(result, args.threads)
+        append(args.results, [line])  # each row as soon as it exists: a later crash loses none
+        print(f"{line}   [{time.perf_counter() - t0:.0f} s]", flush=True)
     print(
-        f"\nappended {len(rows)} row(s) to {args.results} in {time.perf_counter() - started:.0f} s"
+        f"\nappended {len(variants)} row(s) to {args.results} in "
+        f"{time.perf_counter() - started:.0f} s"
     )
     print()
     print(args.results.read_text(encoding="utf-8"))

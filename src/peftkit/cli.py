@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -81,6 +82,10 @@ def _status(text: str) -> None:
     # Note: only on a terminal, so that a failing command's stderr in a log is its one error line.
     if sys.stderr.isatty():
         print(text, file=sys.stderr, flush=True)
+
+
+def _warn(text: str) -> None:
+    print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
 
 
 def _quiet_transformers() -> None:
@@ -259,8 +264,120 @@ def cmd_fetch_data(args: argparse.Namespace) -> int:
     return 0
 
 
+CHECKPOINTS = "checkpoints"
+# What a run computes from: a resumed run must repeat these (--lr may change).
+RUN_KEYS = (
+    "model", "method", "r", "alpha", "config", "target_modules", "steps", "batch_size",
+    "grad_accum", "max_length", "weight_decay", "seed", "data", "eval_data", "task",
+    "loraplus_ratio", "quantize",
+)  # fmt: skip
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) from the launcher's environment (torchrun, accelerate, --nproc)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(args: argparse.Namespace) -> int:
+    """``--nproc N``: run this same command as N processes (rank 0 prints), like ``torchrun
+    --standalone --nproc-per-node N -m peftkit train ...``, which works too."""
+    import subprocess
+
+    n = args.nproc
+    if args.threads is None:
+        idle = os.cpu_count() or n
+        try:
+            idle = max(1, round(idle - os.getloadavg()[0]))
+        except OSError:
+            pass
+        threads = max(1, idle // n)
+    else:
+        threads = args.threads
+    port = _free_port()
+    procs = []
+    for rank in range(n):
+        env = dict(os.environ)
+        env.update(
+            RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads),
+            PEFTKIT_THREADS=str(threads),
+        )  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-m", "peftkit", *args.argv], env=env))
+    codes: dict[int, int] = {}
+    try:
+        while len(codes) < n:
+            for rank, p in enumerate(procs):
+                if rank not in codes and p.poll() is not None:
+                    codes[rank] = p.returncode
+                    if p.returncode != 0:  # one failed: the others would wait on it forever
+                        for q in procs:
+                            if q.poll() is None:
+                                q.terminate()
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    bad = [c for _, c in sorted(codes.items()) if c != 0]
+    return bad[0] if bad else 0
+
+
+def _fingerprint(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
+    d = {k: getattr(args, k) for k in RUN_KEYS}
+    d["model"] = str(model_path.resolve())
+    for k in ("data", "eval_data"):
+        if d[k] is not None:
+            d[k] = str(Path(d[k]).resolve())
+    return json.loads(json.dumps(d))  # tuples -> lists, as they come back from the file
+
+
+def _resume_point(args: argparse.Namespace, model_path: Path) -> tuple[Path, dict[str, Any]] | None:
+    from .checkpoint import latest_checkpoint
+
+    root = Path(args.output) / CHECKPOINTS
+    rank, _ = _world()
+    warn = _warn if rank == 0 else None
+    found = latest_checkpoint(root, warn=warn)
+    if not args.resume:
+        if found is not None:
+            raise CliError(
+                f"{root} holds checkpoints of an earlier run; add --resume to continue it, or "
+                "choose a new --output"
+            )
+        return None
+    if found is None:
+        raise CliError(
+            f"--resume: no checkpoint in {root} (was the run started with --save-every?)"
+        )
+    saved = found[1].get("run", {})
+    now = _fingerprint(args, model_path)
+    for k in RUN_KEYS:
+        if saved.get(k) != now[k]:
+            raise CliError(
+                f"--resume: {found[0]} was trained with {k}={saved.get(k)!r}, this command has "
+                f"{now[k]!r}; repeat the original options"
+            )
+    return found
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    rank, world = _world()
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise CliError(f"--nproc {args.nproc} must be at least 1")
+        if args.nproc > 1 and world == 1:
+            return _launch(args)
+        if world not in (1, args.nproc):
+            raise CliError(f"--nproc {args.nproc} but the launcher started {world} processes")
     task = args.task
     if args.model is None and task == T.CAUSAL_LM:
         raise CliError("--task causal-lm needs --model, a local causal LM folder (e.g. SmolLM2)")
@@ -268,9 +385,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(
             f"unknown method {args.method!r}; choose one of {', '.join(sorted(METHODS))}"
         )
-    for name in ("steps", "batch_size"):
+    for name in ("steps", "batch_size", "grad_accum"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    if args.batch_size % (args.grad_accum * world):
+        raise CliError(
+            f"--batch-size {args.batch_size} does not split into --grad-accum {args.grad_accum} x "
+            f"{world} process(es); use a multiple of {args.grad_accum * world}"
+        )
+    if args.save_every < 0 or args.keep_checkpoints < 1:
+        raise CliError(
+            f"--save-every {args.save_every} must be >= 0 and --keep-checkpoints "
+            f"{args.keep_checkpoints} >= 1"
+        )
     if args.max_length < 2:
         raise CliError(f"--max-length {args.max_length} is too short; use e.g. 64")
     if not args.lr > 0:
@@ -278,6 +405,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_path = Path(args.model) if args.model is not None else minilm_path()
     T.check_model_folder(model_path)
     options = dict(T.parse_option(o) for o in args.config)
+    resume = _resume_point(args, model_path)
     train, test, label_names, data_desc = _training_data(args, task)
     if task == T.CLASSIFY and len(label_names) < 2:
         raise CliError(f"{args.data}: classification needs at least 2 labels, found {label_names}")
@@ -285,9 +413,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet_transformers()
     import torch
 
-    threads = _set_threads(args.threads)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+        if rank != 0:  # rank 0 speaks for the run
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+            os.environ["TQDM_DISABLE"] = "1"
+    threads = _set_threads(args.threads or _env_threads())
     torch.manual_seed(args.seed)
-    _status(f"loading {model_path} ...")
+    if rank == 0:
+        _status(f"loading {model_path} ...")
     model, tokenizer = T.load_model(model_path, task, label_names=label_names)
     _, total = trainable_parameters(model)
     targets = _targets(args.target_modules) or T.default_targets(model)
@@ -306,6 +443,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     adapt(model, config)
     trainable, _ = trainable_parameters(model)
     n_layers = sum(1 for _ in adapters(model))
+    if rank > 0:  # same initial model on every process, its own dropout stream on each
+        torch.manual_seed(args.seed + 1_000_003 * rank)
 
     train_enc = T.encode(tokenizer, train, task, args.max_length)
     test_enc = T.encode(tokenizer, test, task, args.max_length)
@@ -320,36 +459,96 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"({n_layers} modules){extra}"
     )
     print(f"trainable  {trainable:,} parameters ({100 * trainable / total:.2f} % of the model)")
-    print(f"threads    {threads}")
-    sys.stdout.flush()
-    before = T.evaluate(model, test_enc, task=task, batch_size=args.eval_batch_size, desc="eval")
-    print(f"{metric} before training: {before:.4f}")
+    print(f"threads    {threads}" + (f" in each of {world} processes" if world > 1 else ""))
     sys.stdout.flush()
 
     optimizer = T.make_optimizer(
         model, args.lr, weight_decay=args.weight_decay, loraplus_ratio=args.loraplus_ratio
     )
-    fit = T.fit(
-        model,
-        train_enc,
-        task=task,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        optimizer=optimizer,
-        seed=args.seed,
-    )
-    after = T.evaluate(model, test_enc, task=task, batch_size=args.eval_batch_size, desc="eval")
-    first = sum(fit.losses[:10]) / len(fit.losses[:10])
-    last = sum(fit.losses[-10:]) / len(fit.losses[-10:])
+    start_step, losses, before = 0, [], None
+    if resume is not None:
+        from .checkpoint import load_checkpoint
+        from .hooks import attach
+
+        attach(optimizer, model)  # the hooks' states ride in the optimizer's
+        state = load_checkpoint(resume[0], model=model, optimizer=optimizer)
+        start_step, losses, before = state["step"], list(state["losses"]), state.get("before")
+        old_lr = state["run_lr"]
+        for g in optimizer.param_groups:
+            g["lr"] *= args.lr / old_lr  # keeps LoRA+'s ratio; a no-op for the same --lr
+        print(f"resumed    from {resume[0]} (step {start_step} of {args.steps})")
+    if before is None:  # rank 0 alone evaluates (the others wait for it in DDP's first sync)
+        before = (
+            T.evaluate(model, test_enc, task=task, batch_size=args.eval_batch_size)
+            if rank == 0
+            else math.nan
+        )
+    print(f"{metric} before training: {before:.4f}")
+    sys.stdout.flush()
+
+    trained: Any = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model)
+    ckpt_root = Path(args.output) / CHECKPOINTS
+    saved: list[Path] = [resume[0]] if resume is not None else []
+    run = _fingerprint(args, model_path)
+
+    def on_step(step: int, step_losses: list[float]) -> None:
+        if args.save_every and step % args.save_every == 0:
+            from .checkpoint import save_checkpoint
+
+            trainer = {"run": run, "run_lr": args.lr, "losses": step_losses, "before": before}
+            saved.append(
+                save_checkpoint(
+                    ckpt_root, step, model=trained, optimizer=optimizer,
+                    trainer_state=trainer, keep=args.keep_checkpoints,
+                )
+            )  # fmt: skip
+
+    try:
+        fit = T.fit(
+            trained,
+            train_enc,
+            task=task,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            optimizer=optimizer,
+            seed=args.seed,
+            grad_accum=args.grad_accum,
+            start_step=start_step,
+            losses=losses,
+            on_step=on_step,
+        )
+    except T.TrainingDiverged as e:
+        last = (
+            f"the last good checkpoint is {saved[-1]} (step {int(saved[-1].name[5:])}): "
+            "restart with a lower --lr, or --resume with one"
+            if saved
+            else "no checkpoint was written (--save-every N keeps them); restart with a lower --lr"
+        )
+        raise CliError(f"{e}. The adapter was not written; {last}") from None
+    if rank == 0:
+        after = T.evaluate(model, test_enc, task=task, batch_size=args.eval_batch_size, desc="eval")
+    else:
+        after = math.nan
+    window = fit.losses
+    first = sum(window[:10]) / len(window[:10])
+    last = sum(window[-10:]) / len(window[-10:])
+    median = f"{fit.median_step:.2f} s/step median" if fit.step_seconds else "no step left"
+    accum = f" (accumulated over {args.grad_accum})" if args.grad_accum > 1 else ""
     print(
-        f"trained    {args.steps} steps x {args.batch_size}, lr {args.lr:g}, max length "
+        f"trained    {args.steps} steps x {args.batch_size}{accum}, lr {args.lr:g}, max length "
         f"{args.max_length}: loss {first:.3f} -> {last:.3f} (mean of first/last 10 steps), "
-        f"{fit.seconds:.1f} s ({fit.median_step:.2f} s/step median)"
+        f"{fit.seconds:.1f} s ({median})"
     )
     print(f"{metric} after training:  {after:.4f}")
 
     out = Path(args.output)
     save_adapter(model, out)
+    if rank != 0:
+        return 0
     info = {
         "model": str(model_path.resolve()),
         "task": task,
@@ -372,6 +571,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         "task": task,
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum,
+        "processes": world,
+        "resumed_from_step": start_step if resume is not None else None,
         "lr": args.lr,
         "max_length": args.max_length,
         "seed": args.seed,
@@ -393,6 +595,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     print(f"wrote      {out}/ ({WEIGHTS_NAME}, {CONFIG_NAME}, {T.TRAIN_INFO}, {METRICS_NAME})")
     return 0
+
+
+def _env_threads() -> int | None:
+    v = os.environ.get("PEFTKIT_THREADS")
+    return int(v) if v and v.isdigit() and int(v) > 0 else None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -700,6 +907,35 @@ def build_parser() -> Parser:
         choices=("nf4",),
         help="QLoRA: hold the frozen base's linear layers in NF4 (the head stays dense)",
     )
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        metavar="K",
+        help="backpropagate each step's --batch-size rows in K micro-batches (less memory, same "
+        "result: the loss is normalised over the whole batch's tokens) (1)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        metavar="N",
+        help="data-parallel training on N CPU processes (DDP, gloo); --batch-size is the total",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write a checkpoint to OUTPUT/checkpoints every N steps (0: never)",
+    )
+    p.add_argument(
+        "--keep-checkpoints", type=int, default=2, metavar="K", help="keep the newest K (2)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output from its newest intact checkpoint (same options)",
+    )
     p.set_defaults(func=cmd_train)
 
     def adapter_args(p: argparse.ArgumentParser) -> None:
@@ -742,6 +978,7 @@ def build_parser() -> Parser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``peftkit`` command; returns the exit status (0, 2 for bad input, 130 on ^C)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ so ``import peftkit`` never loads them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,7 +23,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -358,6 +359,91 @@ def make_optimizer(
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+class TrainingDiverged(ValueError):
+    """The loss or a gradient became non-finite; no optimizer step was taken with it."""
+
+    def __init__(self, step: int, what: str) -> None:
+        self.step = step
+        super().__init__(f"the {what} at step {step}; no update was made with it")
+
+
+def _world() -> tuple[int, int]:
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+def targets_in(enc: Encoded, index: Sequence[int], task: str) -> int:
+    """What the loss averages over for these rows: tokens predicted (causal LM: every token but a
+    row's first) or rows (classification)."""
+    if task == CAUSAL_LM:
+        return sum(max(len(enc.ids[i]) - 1, 0) for i in index)
+    return len(index)
+
+
+def loss_sum(model: nn.Module, batch: dict[str, Tensor], task: str) -> Tensor:
+    """The summed (not averaged) cross-entropy of one batch, so that a window of micro-batches
+    can be divided by its total count of targets."""
+    batch = dict(batch)
+    labels = batch.pop("labels")
+    logits = model(**batch).logits
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    if task == CAUSAL_LM:
+        flat = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B·(T-1), V): t predicts t+1
+        return F.cross_entropy(flat, labels[:, 1:].reshape(-1), reduction="sum")
+    return F.cross_entropy(logits, labels, reduction="sum")  # (B, K) vs (B,)
+
+
+def accumulate_gradients(
+    model: nn.Module, enc: Encoded, index: Sequence[int], task: str, grad_accum: int = 1
+) -> float:
+    """Backward one optimizer step's batch ``index`` (its global rows, the same list on every
+    process) in ``grad_accum`` micro-batches and, under ``torch.distributed``, split across the
+    processes; returns the batch's mean loss.
+
+    The gradient is that of ``L = Σ_rows ℓ / N`` with ``N`` the targets of the whole batch
+    (:func:`targets_in`: tokens for a causal LM), whatever the split: each micro-batch adds
+    ``Σ_its rows ℓ / N``, times the number of processes because data-parallel gradients are
+    averaged. Batch 8 x accumulation 1 and batch 1 x accumulation 8 give the same gradients, not
+    a mean of per-micro-batch means (which weights short rows up)."""
+    rank, world = _world()
+    parts = grad_accum * world
+    if grad_accum < 1 or len(index) % parts:
+        raise ValueError(
+            f"a batch of {len(index)} rows does not split into {grad_accum} accumulation steps x "
+            f"{world} processes; choose --batch-size as a multiple of {parts}"
+        )
+    total = targets_in(enc, index, task)
+    if total == 0:
+        raise ValueError("this batch has nothing to predict (every row is one token long)")
+    size = len(index) // grad_accum
+    share = size // world
+    value = torch.zeros((), dtype=torch.float64)
+    no_sync = getattr(model, "no_sync", None)
+    for k in range(grad_accum):
+        micro = index[k * size : (k + 1) * size]
+        mine = micro[rank * share : (rank + 1) * share]
+        batch = collate(enc, mine, task)
+        ctx = no_sync() if callable(no_sync) and k < grad_accum - 1 else contextlib.nullcontext()
+        with ctx:
+            loss = loss_sum(model, batch, task) / total
+            (loss * world).backward()
+        value += loss.detach().double().cpu()
+    if world > 1:
+        torch.distributed.all_reduce(value)
+    return float(value)
+
+
+def _grads_finite(model: nn.Module) -> bool:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)  # one fused pass: a NaN or inf anywhere shows here
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+
 def fit(
     model: nn.Module,
     enc: Encoded,
@@ -367,36 +453,52 @@ def fit(
     batch_size: int,
     optimizer: torch.optim.Optimizer,
     seed: int = 0,
+    grad_accum: int = 1,
+    start_step: int = 0,
+    losses: Sequence[float] = (),
+    on_step: Callable[[int, list[float]], None] | None = None,
     show_progress: bool = True,
     desc: str = "train",
 ) -> FitResult:
     """``steps`` optimizer steps at a constant learning rate; an adapted model's training hooks
-    run through :func:`peftkit.attach` (AdaLoRA's budget, DyLoRA's rank draw, ...)."""
+    run through :func:`peftkit.attach` (AdaLoRA's budget, DyLoRA's rank draw, ...).
+
+    ``batch_size`` rows per step (all processes together), backpropagated in ``grad_accum``
+    micro-batches (:func:`accumulate_gradients`). ``start_step``/``losses`` continue a resumed run
+    (the batch order is a function of ``seed``, so step ``k`` sees the same rows either way);
+    ``on_step(step, losses)`` runs after every step (checkpointing). A non-finite loss or gradient
+    raises :class:`TrainingDiverged` before the optimizer sees it."""
     if steps < 1:
         raise ValueError(f"steps={steps} must be at least 1")
+    if not 0 <= start_step <= steps:
+        raise ValueError(f"start_step={start_step} is outside 0..{steps}")
     if get_state(model, required=False) is not None:
         attach(optimizer, model)
     order = batch_order(len(enc), batch_size, steps, seed)
     model.train()
-    losses: list[float] = []
+    losses = list(losses)
     times: list[float] = []
     ema = math.nan
+    for value in losses:
+        ema = value if math.isnan(ema) else 0.9 * ema + 0.1 * value
     start = time.perf_counter()
     with progress(steps, desc, "step", show_progress) as bar:
-        for index in order:
-            batch = collate(enc, index, task)
+        bar.update(start_step)
+        for step in range(start_step + 1, steps + 1):
             t0 = time.perf_counter()
-            loss = model(**batch).loss
-            loss.backward()
+            value = accumulate_gradients(model, enc, order[step - 1], task, grad_accum)
+            if not math.isfinite(value):
+                optimizer.zero_grad(set_to_none=True)
+                raise TrainingDiverged(step, f"loss became {value}")
+            if not _grads_finite(model):
+                optimizer.zero_grad(set_to_none=True)
+                raise TrainingDiverged(step, "gradient became non-finite (nan or inf)")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - t0)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise ValueError(
-                    f"the loss became {value} at step {len(losses) + 1}; lower the learning rate"
-                )
             losses.append(value)
+            if on_step is not None:
+                on_step(step, losses)
             ema = value if math.isnan(ema) else 0.9 * ema + 0.1 * value
             bar.set_postfix(loss=f"{ema:.4f}", refresh=False)
             bar.update()
@@ -462,6 +564,8 @@ __all__ = [
     "Encoded",
     "FitResult",
     "TRAIN_INFO",
+    "TrainingDiverged",
+    "accumulate_gradients",
     "batch_order",
     "build_config",
     "check_model_folder",
@@ -474,8 +578,10 @@ __all__ = [
     "full_finetune",
     "head_modules",
     "load_model",
+    "loss_sum",
     "make_optimizer",
     "parse_option",
     "peak_rss_bytes",
     "quantize_base",
+    "targets_in",
 ]

@@ -353,4 +353,5 @@ METHOD = Method(
     check=check,
     on_save=on_save,
     on_load=on_load,
+    mutates_base=True,
 )

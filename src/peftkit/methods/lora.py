@@ -156,6 +156,21 @@ class LoraLayer(Adapter):
             h = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., r)
         return F.linear(h * self.scaling, self.lora_B)  # (..., out)
 
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out: Tensor = self.base(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            return out
+        if self.kind == EMBEDDING or type(self).update is not LoraLayer.update:
+            return out + self.update(self.dropout(x)).to(out.dtype)
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A) * self.scaling  # (..., r)
+        if h.dtype != out.dtype or not out.is_contiguous():
+            return out + F.linear(h, self.lora_B).to(out.dtype)
+        # Note: one GEMM that accumulates onto the base output (beta = 1) instead of a GEMM and
+        # then an add over the wide (..., out) tensor; autograd saves the same h and B.
+        o, r = out.shape[-1], h.shape[-1]
+        flat = torch.addmm(out.reshape(-1, o), h.reshape(-1, r), self.lora_B.T)  # (N, out)
+        return flat.view(out.shape)
+
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
 

@@ -62,3 +62,6 @@ class Method:
     on_load: Callable[[nn.Module, dict[str, Any], dict[str, Tensor]], dict[str, Tensor]] | None = (
         None
     )
+    #: True when training changes the frozen base weight itself (Delta-LoRA): training
+    #: checkpoints then keep the adapted layers' base weights too.
+    mutates_base: bool = False

@@ -1,0 +1,328 @@
+"""Training checkpoints that resume bit for bit, written so that a crash never loses the last one.
+
+A checkpoint is a folder ``<root>/step-<N>/`` holding
+
+- ``model.safetensors``: the training state of the model — every trainable tensor, every tensor of
+  the adapter layers except their frozen base (and the base too for a method that updates it, such
+  as Delta-LoRA), and the shared module's. Raw, as trained: not the exported adapter file, which
+  AdaLoRA prunes and Delta-LoRA folds, so that resuming continues the very same run;
+- ``optimizer.safetensors`` + ``optimizer.json``: the optimizer's state dict (tensors apart, the
+  rest as JSON; the training hooks' states ride inside it, see :func:`peftkit.attach`);
+- ``rng.safetensors``: the torch generator states of every process;
+- ``trainer_state.json``: the step, the losses so far and whatever the caller adds;
+- ``manifest.json``, written last: the SHA-256 and size of each file above.
+
+Writing goes to a hidden sibling folder that is renamed into place only when complete (then the
+oldest checkpoints beyond ``keep`` are removed), so a kill at any moment leaves every earlier
+checkpoint intact. :func:`latest_checkpoint` checks the manifest and falls back to the previous
+checkpoint when the newest is truncated or corrupted. Only JSON and safetensors are read: loading a
+checkpoint never executes code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .core import adapters, get_state, unwrap
+from .hooks import _flatten, _unflatten
+from .inject import SHARED_ATTR
+from .methods import METHODS
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
+RNG_FILE = "rng.safetensors"
+TRAINER_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, damaged, or from a different run)."""
+
+
+# -- what is saved --------------------------------------------------------------------------------
+def training_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """The tensors that change in training, by their ``state_dict`` key (live, not copies).
+
+    Trainable parameters, plus everything held by the adapter layers and the shared module: the
+    frozen base of an adapter layer is left out unless the method updates it (``Method.
+    mutates_base``, Delta-LoRA), since rebuilding the model from the same folder restores it."""
+    root = unwrap(model)
+    state = get_state(root, required=False)
+    full = root.state_dict(keep_vars=True)
+    keep = {name for name, p in root.named_parameters() if p.requires_grad}
+    if state is not None:
+        mutates = getattr(METHODS[state.config.method], "mutates_base", False)
+        prefixes = [f"{name}." for name, _ in adapters(root)]
+        for key in full:
+            for p in prefixes:
+                if key.startswith(p) and (mutates or not key.startswith(f"{p}base.")):
+                    keep.add(key)
+                    break
+        if getattr(root, SHARED_ATTR, None) is not None:
+            keep.update(k for k in full if k.startswith(f"{SHARED_ATTR}."))
+    return {k: full[k] for k in sorted(keep)}
+
+
+def _cpu(t: Tensor) -> Tensor:
+    full = getattr(t, "full_tensor", None)  # an FSDP2 shard: gather (every rank calls this)
+    t = full() if callable(full) else t
+    return t.detach().to("cpu").clone().contiguous()
+
+
+def _rng_state() -> dict[str, Tensor]:
+    out = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda{i}"] = s
+    return out
+
+
+def _dist() -> tuple[int, int]:
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[Any, dict[str, Tensor]]:
+    sd = optimizer.state_dict()
+    sd = dict(sd)
+    sd["state"] = {str(k): v for k, v in sd["state"].items()}  # JSON keys are strings
+    tensors: dict[str, Tensor] = {}
+    skeleton = _flatten(sd, "", tensors)
+    return skeleton, {k: _cpu(v) for k, v in tensors.items()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every checkpoint folder under ``root``, newest first."""
+    base = Path(root)
+    if not base.is_dir():
+        return []
+    found = []
+    for p in base.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def save_checkpoint(
+    root: str | os.PathLike[str],
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write ``root/step-<step>/`` atomically and keep only the newest ``keep`` checkpoints.
+
+    Every process calls this (the generator states are gathered, FSDP2 shards too); rank 0 alone
+    writes. Returns the folder."""
+    if keep < 1:
+        raise ValueError(f"keep={keep} must be at least 1")
+    rank, world = _dist()
+    model_t = {k: _cpu(v) for k, v in training_tensors(model).items()}
+    opt_json, opt_t = _optimizer_files(optimizer)
+    rng = _rng_state()
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, rng)
+    else:
+        gathered = [rng]
+    base = Path(root)
+    final = base / f"step-{step:08d}"
+    if rank == 0:
+        base.mkdir(parents=True, exist_ok=True)
+        partial = base / f".step-{step:08d}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        rng_t = {f"rank{r}.{k}": v for r, s in enumerate(gathered) for k, v in s.items()}
+        doc = {"format": FORMAT, "step": step, "world_size": world, **trainer_state}
+        writers: dict[str, Callable[[Path], None]] = {
+            MODEL_FILE: lambda p: save_file(model_t, str(p)),
+            OPTIMIZER_TENSORS: lambda p: save_file(opt_t, str(p)),
+            OPTIMIZER_JSON: lambda p: p.write_text(json.dumps(opt_json), encoding="utf-8"),
+            RNG_FILE: lambda p: save_file(rng_t, str(p)),
+            TRAINER_FILE: lambda p: p.write_text(json.dumps(doc, indent=1), encoding="utf-8"),
+        }
+        manifest: dict[str, Any] = {"format": FORMAT, "step": step, "files": {}}
+        for name, write in writers.items():
+            path = partial / name
+            write(path)
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            manifest["files"][name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        with open(partial / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(partial)
+        if final.exists():  # a damaged checkpoint of this step from an earlier, killed run
+            trash = base / f".step-{step:08d}.old"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+            os.replace(partial, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(partial, final)
+        _fsync_dir(base)
+        for _, old in checkpoints(base)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        torch.distributed.barrier()
+    return final
+
+
+# -- reading --------------------------------------------------------------------------------------
+def verify_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check every file against the manifest; returns the trainer state. Raises
+    :class:`CheckpointError` naming the first problem."""
+    path = Path(folder)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: no readable {MANIFEST} ({type(e).__name__}: {e})") from e
+    for name in (MODEL_FILE, OPTIMIZER_TENSORS, OPTIMIZER_JSON, RNG_FILE, TRAINER_FILE):
+        entry = files.get(name) if isinstance(files, dict) else None
+        f = path / name
+        if not isinstance(entry, dict) or not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if f.stat().st_size != entry.get("bytes"):
+            raise CheckpointError(
+                f"{f}: {f.stat().st_size} bytes, the manifest says {entry.get('bytes')} (truncated)"
+            )
+        if _sha256(f) != entry.get("sha256"):
+            raise CheckpointError(f"{f}: checksum mismatch (the file is corrupted)")
+    try:
+        state = json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CheckpointError(f"{path / TRAINER_FILE}: not JSON ({e})") from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path / TRAINER_FILE}: not a format-{FORMAT} trainer state")
+    return state
+
+
+def latest_checkpoint(
+    root: str | os.PathLike[str], warn: Callable[[str], None] | None = None
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest intact checkpoint under ``root`` and its trainer state; damaged ones are
+    reported through ``warn`` and skipped. ``None`` when there is no checkpoint at all; a
+    :class:`CheckpointError` when there are some but none is intact."""
+    found = checkpoints(root)
+    problems = []
+    for _, folder in found:
+        try:
+            return folder, verify_checkpoint(folder)
+        except CheckpointError as e:
+            problems.append(str(e))
+            if warn is not None:
+                warn(f"skipping damaged checkpoint {folder.name}: {e}")
+    if found:
+        raise CheckpointError(f"no intact checkpoint in {root}: {'; '.join(problems)}")
+    return None
+
+
+def _load(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from e
+
+
+@torch.no_grad()
+def load_checkpoint(
+    folder: str | os.PathLike[str], *, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore the model's training state, the optimizer (and hooks: attach them first) and this
+    process's generator states from ``folder``; returns the trainer state. Every tensor is checked
+    for name, shape and dtype before anything is changed."""
+    path = Path(folder)
+    state = verify_checkpoint(path)
+    rank, world = _dist()
+    if state.get("world_size") != world:
+        raise CheckpointError(
+            f"{path} was written by {state.get('world_size')} processes, this run has {world}; "
+            "resume with the same number of processes"
+        )
+    saved = _load(path / MODEL_FILE)
+    live = training_tensors(model)
+    if set(saved) != set(live):
+        missing, extra = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+        raise CheckpointError(
+            f"{path / MODEL_FILE} does not match this model (missing {missing[:3]}, unexpected "
+            f"{extra[:3]}); was it written with another method or model?"
+        )
+    for k, t in saved.items():
+        if t.shape != live[k].shape or t.dtype != live[k].dtype:
+            raise CheckpointError(
+                f"{path / MODEL_FILE}: {k} is {t.dtype} {tuple(t.shape)}, the model has "
+                f"{live[k].dtype} {tuple(live[k].shape)}"
+            )
+    skeleton = json.loads((path / OPTIMIZER_JSON).read_text(encoding="utf-8"))
+    opt_sd = _unflatten(skeleton, _load(path / OPTIMIZER_TENSORS))
+    opt_sd["state"] = {int(k): v for k, v in opt_sd["state"].items()}
+    rng = _load(path / RNG_FILE)
+    cpu_rng = rng.get(f"rank{rank}.cpu")
+    if cpu_rng is None:
+        raise CheckpointError(f"{path / RNG_FILE}: no generator state for rank {rank}")
+    for k, t in saved.items():
+        live[k].copy_(t)
+    optimizer.load_state_dict(opt_sd)
+    torch.set_rng_state(cpu_rng)
+    if torch.cuda.is_available():
+        cuda = [
+            rng[f"rank{rank}.cuda{i}"]
+            for i in range(torch.cuda.device_count())
+            if f"rank{rank}.cuda{i}" in rng
+        ]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    return state
+
+
+__all__ = [
+    "CheckpointError",
+    "checkpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "training_tensors",
+    "verify_checkpoint",
+]

@@ -1,0 +1,438 @@
+"""Issue 9: gradient accumulation normalised by tokens, checkpoints that resume bit for bit (also
+after a real SIGKILL), damaged checkpoints detected, the NaN guard, ``peftkit train --nproc``."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import tiny_llama
+from safetensors.torch import load_file
+
+import peftkit
+from peftkit import train as T
+from peftkit.checkpoint import (
+    CheckpointError,
+    checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    training_tensors,
+)
+from peftkit.hooks import attach
+from peftkit.methods import METHODS
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _lm_data(n: int = 24, vocab: int = 128, seed: int = 0) -> T.Encoded:
+    """Rows of different lengths (2..12 tokens), so token- and row-averaging differ."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(2, 13, (1,), generator=g))
+        rows.append(tuple(torch.randint(1, vocab, (length,), generator=g).tolist()))
+    return T.Encoded(ids=tuple(rows), labels=None, pad_id=0)
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# -- gradient accumulation -----------------------------------------------------------------------
+def test_accumulation_is_normalised_by_tokens_of_the_whole_batch() -> None:
+    enc = _lm_data()
+    index = list(range(8))
+    model = tiny_llama().double().train()
+    peftkit.adapt(model, peftkit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for _, layer in peftkit.adapters(model):
+            layer.lora_B.normal_()  # non-zero B: A gets a gradient too
+
+    one = T.accumulate_gradients(model, enc, index, T.CAUSAL_LM, grad_accum=1)  # batch 8 x 1
+    g_one = _grads(model)
+    model.zero_grad(set_to_none=True)
+    eight = T.accumulate_gradients(model, enc, index, T.CAUSAL_LM, grad_accum=8)  # batch 1 x 8
+    g_eight = _grads(model)
+    model.zero_grad(set_to_none=True)
+
+    assert one == pytest.approx(eight, abs=1e-12)
+    assert g_one.keys() == g_eight.keys() and g_one
+    for k in g_one:
+        torch.testing.assert_close(g_eight[k], g_one[k], rtol=0, atol=1e-10)
+
+    # The loss really is the token mean of the whole batch: the model's own (token-mean) loss on
+    # the padded batch of 8, and not the mean of the 8 per-row means.
+    batch = T.collate(enc, index, T.CAUSAL_LM)
+    with torch.no_grad():
+        # (transformers computes its loss in fp32, hence 1e-6)
+        assert one == pytest.approx(float(model(**batch).loss), abs=1e-6)
+        per_row = [float(model(**T.collate(enc, [i], T.CAUSAL_LM)).loss) for i in index]
+    assert abs(sum(per_row) / len(per_row) - one) > 1e-5  # the naive mean differs
+
+
+def test_accumulation_refuses_a_batch_that_does_not_split() -> None:
+    enc = _lm_data()
+    model = tiny_llama().train()
+    with pytest.raises(ValueError, match="multiple of 3"):
+        T.accumulate_gradients(model, enc, list(range(8)), T.CAUSAL_LM, grad_accum=3)
+
+
+# -- in-process exact resume, every method -------------------------------------------------------
+def _build(method: str, steps: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    # Dropout makes the generator state matter (S2-Attn refuses attention dropout: LoRA's then).
+    model = tiny_llama(attention_dropout=0.0 if method == "longlora" else 0.1).train()
+    options: dict[str, Any] = {}
+    fields = METHODS[method].config_cls.__dataclass_fields__
+    for name in ("lora_dropout", "vera_dropout"):
+        if name in fields:
+            options[name] = 0.1
+    if method == "adalora":
+        options.update(init_r=6, target_r=2, tinit=1, tfinal=1, deltaT=1)
+    if method == "delta_lora":
+        options.update(warmup_steps=1, lora_dropout=0.0)  # it refuses dropout
+    config = T.build_config(
+        method, target_modules=("q_proj", "v_proj"), steps=steps, options=options
+    )
+    peftkit.adapt(model, config)
+    return model, T.make_optimizer(model, 1e-2)
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_resume_from_a_checkpoint_is_bit_exact(method: str, tmp_path: Path) -> None:
+    enc, steps, kill_after = _lm_data(), 6, 3
+    kw: dict[str, Any] = {"task": T.CAUSAL_LM, "steps": steps, "batch_size": 4, "seed": 0}
+
+    model, opt = _build(method, steps)
+    T.fit(model, enc, optimizer=opt, show_progress=False, **kw)
+    reference = {k: v.detach().clone() for k, v in training_tensors(model).items()}
+
+    model, opt = _build(method, steps)
+
+    def crash(step: int, losses: list[float]) -> None:
+        if step == kill_after:
+            save_checkpoint(
+                tmp_path, step, model=model, optimizer=opt, trainer_state={"losses": losses}
+            )
+            raise Crash
+
+    with pytest.raises(Crash):
+        T.fit(model, enc, optimizer=opt, on_step=crash, show_progress=False, **kw)
+    del model, opt
+
+    torch.manual_seed(1234)  # whatever the generator did meanwhile
+    model, opt = _build(method, steps)
+    attach(opt, model)
+    found = latest_checkpoint(tmp_path)
+    assert found is not None
+    state = load_checkpoint(found[0], model=model, optimizer=opt)
+    assert state["step"] == kill_after
+    T.fit(
+        model,
+        enc,
+        optimizer=opt,
+        start_step=state["step"],
+        losses=state["losses"],
+        show_progress=False,
+        **kw,
+    )
+    resumed = training_tensors(model)
+    assert resumed.keys() == reference.keys()
+    for k, v in reference.items():
+        assert torch.equal(resumed[k], v), f"{method}: {k} differs after resume"
+
+
+def _tiny_run(tmp_path: Path, steps: int = 3) -> tuple[torch.nn.Module, Any]:
+    model, opt = _build("lora", steps)
+    T.fit(
+        model,
+        _lm_data(),
+        task=T.CAUSAL_LM,
+        steps=steps,
+        batch_size=4,
+        optimizer=opt,
+        show_progress=False,
+        on_step=lambda s, losses: save_checkpoint(
+            tmp_path, s, model=model, optimizer=opt, trainer_state={"losses": losses}, keep=2
+        ),
+    )
+    return model, opt
+
+
+def test_damaged_checkpoints_are_detected_and_skipped(tmp_path: Path) -> None:
+    _tiny_run(tmp_path, steps=3)
+    assert [s for s, _ in checkpoints(tmp_path)] == [3, 2]  # keep=2 pruned step 1
+    newest = tmp_path / "step-00000003"
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[:-7])  # truncated
+    (tmp_path / ".step-00000004.partial").mkdir()  # a save killed halfway: not a checkpoint
+    warnings: list[str] = []
+    found = latest_checkpoint(tmp_path, warn=warnings.append)
+    assert found is not None and found[0].name == "step-00000002"
+    assert len(warnings) == 1 and "truncated" in warnings[0] and "step-00000003" in warnings[0]
+
+    older = tmp_path / "step-00000002" / "optimizer.safetensors"
+    flipped = bytearray(older.read_bytes())
+    flipped[-3] ^= 0xFF
+    older.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*checksum mismatch"):
+        latest_checkpoint(tmp_path)
+
+
+def test_checkpoint_of_another_model_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    _tiny_run(tmp_path, steps=1)
+    torch.manual_seed(0)
+    model = tiny_llama().train()
+    peftkit.adapt(model, peftkit.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    opt = T.make_optimizer(model, 1e-2)
+    before = {k: v.detach().clone() for k, v in training_tensors(model).items()}
+    with pytest.raises(CheckpointError, match="lora_A"):
+        load_checkpoint(tmp_path / "step-00000001", model=model, optimizer=opt)
+    after = training_tensors(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- NaN guard -----------------------------------------------------------------------------------
+def test_non_finite_loss_stops_before_the_update(tmp_path: Path) -> None:
+    model, opt = _build("lora", 6)
+    calls = {"n": 0}
+
+    def poison(_m: Any, _inp: Any, out: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] == 3 else out  # the 3rd forward = step 3
+
+    snapshot: dict[str, torch.Tensor] = {}
+
+    def keep(step: int, _losses: list[float]) -> None:
+        snapshot.update({k: v.detach().clone() for k, v in training_tensors(model).items()})
+
+    model.model.norm.register_forward_hook(poison)
+    with pytest.raises(T.TrainingDiverged, match="at step 3") as info:
+        T.fit(
+            model,
+            _lm_data(),
+            task=T.CAUSAL_LM,
+            steps=6,
+            batch_size=4,
+            optimizer=opt,
+            on_step=keep,
+            show_progress=False,
+        )
+    assert info.value.step == 3
+    now = training_tensors(model)
+    assert all(torch.equal(now[k], snapshot[k]) for k in snapshot)  # step 3 changed nothing
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -- the command line: a real SIGKILL, --nproc ---------------------------------------------------
+@pytest.fixture(scope="module")
+def cli_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from test_cli import _save_tokenizer, _sentences
+    from transformers import BertConfig, BertModel
+
+    root = tmp_path_factory.mktemp("resume")
+    out = {}
+    for name, drop in (("bert", 0.1), ("bert-nodrop", 0.0)):
+        folder = root / name
+        tok = _save_tokenizer(folder)
+        torch.manual_seed(0)
+        cfg = BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            hidden_dropout_prob=drop,
+            attention_probs_dropout_prob=drop,
+        )
+        BertModel(cfg).save_pretrained(str(folder))
+        out[name] = folder
+    csv = root / "reviews.csv"
+    csv.write_text(
+        "text,label\n" + "".join(f"{t},{y}\n" for t, y in _sentences()), encoding="utf-8"
+    )
+    out["csv"] = csv
+    out["root"] = root
+    return out
+
+
+def _cmd(assets: dict[str, Path], output: Path, *extra: str, model: str = "bert") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "peftkit",
+        "train",
+        "--model",
+        str(assets[model]),
+        "--data",
+        str(assets["csv"]),
+        "--batch-size",
+        "8",
+        "--threads",
+        "1",
+        "--output",
+        str(output),
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    return env
+
+
+def _adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_sigkill_at_a_random_step_then_resume_is_bit_exact(
+    cli_assets: dict[str, Path], tmp_path: Path, method: str
+) -> None:
+    steps, every = 150, 10
+    args = ["--method", method, "--steps", str(steps), "--save-every", str(every)]
+    args += ["--config", "lora_dropout=0.1"]
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(cli_assets, ref, *args), env=_env(), check=True, capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _cmd(cli_assets, out, *args),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    rng = random.Random()
+    threshold = rng.randrange(every, steps - 3 * every, every)  # kill after this checkpoint
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(s >= threshold for s, _ in checkpoints(out / "checkpoints")):
+            break
+        time.sleep(0.001)
+    time.sleep(rng.uniform(0, 0.02))  # somewhere in the next steps (or mid-save)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.returncode != -signal.SIGKILL:
+        pytest.skip("the run finished before the kill landed (a very fast machine)")
+    assert not (out / "adapter_model.safetensors").exists()
+    done = [s for s, _ in checkpoints(out / "checkpoints")]
+    assert done and max(done) < steps
+
+    resumed = subprocess.run(
+        _cmd(cli_assets, out, *args, "--resume"), env=_env(), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed    from" in resumed.stdout
+    a, b = _adapter(ref), _adapter(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] in done
+
+
+def test_resume_skips_a_corrupted_newest_checkpoint(
+    cli_assets: dict[str, Path], tmp_path: Path
+) -> None:
+    args = ["--steps", "8", "--save-every", "2", "--keep-checkpoints", "3"]
+    args += ["--config", "lora_dropout=0.1"]
+    ref = tmp_path / "ref"
+    subprocess.run(_cmd(cli_assets, ref, *args), env=_env(), check=True, capture_output=True)
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    for step in (4, 6):  # as if the run died after writing step 6
+        name = f"step-{step:08d}"
+        shutil.copytree(ref / "checkpoints" / name, out / "checkpoints" / name)
+    bad = out / "checkpoints" / "step-00000006" / "rng.safetensors"
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    bad.write_bytes(bytes(raw))
+    r = subprocess.run(
+        _cmd(cli_assets, out, *args, "--resume"), env=_env(), capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stderr
+    assert "skipping damaged checkpoint step-00000006" in r.stderr
+    assert "checksum mismatch" in r.stderr
+    assert "from " + str(out / "checkpoints" / "step-00000004") in r.stdout
+    a, b = _adapter(ref), _adapter(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_options_and_nan_are_one_line_errors(
+    cli_assets: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    r = subprocess.run(
+        _cmd(cli_assets, out, "--steps", "4", "--save-every", "1", "--lr", "1e30"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "at step 2" in lines[0] and "step-00000001" in lines[0]
+    assert "adapter was not written" in lines[0]
+    assert not (out / "adapter_model.safetensors").exists()
+
+    r = subprocess.run(
+        _cmd(cli_assets, out, "--steps", "4", "--save-every", "1", "--seed", "5", "--resume"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "seed=0" in r.stderr and "repeat the original" in r.stderr
+    r = subprocess.run(
+        _cmd(cli_assets, out, "--steps", "4"), env=_env(), capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "--resume" in r.stderr  # never silently mixes two runs
+
+
+@pytest.mark.slow
+def test_nproc_2_with_accumulation_equals_one_process(
+    cli_assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """Dropout off (the processes draw their own masks); fp32, so only reduction order differs."""
+    args = ["--steps", "6", "--lr", "1e-2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(
+        _cmd(cli_assets, one, *args, model="bert-nodrop"),
+        env=_env(),
+        check=True,
+        capture_output=True,
+    )
+    r = subprocess.run(
+        _cmd(cli_assets, two, *args, "--nproc", "2", "--grad-accum", "2", model="bert-nodrop"),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "in each of 2 processes" in r.stdout
+    assert r.stdout.count("accuracy after training") == 1  # rank 0 alone speaks
+    a, b = _adapter(one), _adapter(two)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["grad_accum"] == 2
