@@ -35,6 +35,9 @@ def w1_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
         tie_word_embeddings=False,
     )
     cfg._attn_implementation = "sdpa"
+    # Note: a training step keeps no KV cache (with one, attention saves a cache copy of v instead
+    # of v_proj's output, which costs every method that saves that output a second copy).
+    cfg.use_cache = False
     return LlamaForCausalLM(cfg).to(dtype).train()
 
 

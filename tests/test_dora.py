@@ -17,6 +17,7 @@ import peftkit
 from peftkit.core import dense_weight
 from peftkit.methods import method_for_dict
 from peftkit.methods.dora import DoraLayer, _DoraDropoutFn, _DoraFn, row_norms
+from peftkit.methods.lora import LoraLayer
 
 D64 = torch.float64
 
@@ -115,6 +116,24 @@ def test_forward_and_gradients_equal_the_dense_formula(kind: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("frozen", ["lora_A", "lora_B", "lora_magnitude_vector", "x"])
+def test_gradients_with_parts_frozen_equal_the_dense_formula(frozen: str) -> None:
+    # backward skips what needs no gradient (h is recomputed only for ∂B and dead rows)
+    layer = make("linear", dead=frozen == "lora_B")
+    x = inputs("linear")
+    if frozen == "x":
+        x.requires_grad_(False)
+    else:
+        getattr(layer, frozen).requires_grad_(False)
+    wrt = [t for t in trainables(layer, x) if t.requires_grad]
+    y, ref = layer(x), dense_reference(layer, x)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, wrt, dy)
+    want = torch.autograd.grad(ref, wrt, dy)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
 def test_dead_rows_get_the_exact_magnitude_gradient(kind: str) -> None:
     # m = 0 erases z from y; those rows recompute it instead of dividing by m
@@ -154,24 +173,33 @@ def test_gradcheck_of_the_autograd_functions() -> None:
     def r(*shape: int) -> Tensor:
         return torch.randn(*shape, generator=g, dtype=D64).requires_grad_(True)
 
-    out, h, b, m = r(2, 3, 5), r(2, 3, 2), r(5, 2), r(5)
+    out, x, a, h, b, m = r(2, 3, 5), r(2, 3, 4), r(2, 4), r(2, 3, 2), r(5, 2), r(5)
     norm = torch.rand(5, generator=g, dtype=D64) + 0.5
     bias = torch.randn(5, generator=g, dtype=D64)
-    z0 = (out - bias).detach()
+    w = torch.randn(5, 4, generator=g, dtype=D64)
 
-    def rows(x: Tensor, idx: Tensor) -> Tensor:
-        return x.reshape(-1, 5)[:, idx]
+    def rows(x: Tensor, idx: Tensor) -> Tensor:  # columns idx of o - bias, (T, k)
+        return (F.linear(x.reshape(-1, 4), w) + out.detach().reshape(-1, 5))[:, idx]
 
-    def fn(out: Tensor, h: Tensor, b: Tensor, m: Tensor) -> Tensor:
-        return _DoraFn.apply(out, h, b, m, norm, bias, 1.5, z0, rows)  # type: ignore[no-any-return]
+    def fn(out: Tensor, x: Tensor, a: Tensor, b: Tensor, m: Tensor) -> Tensor:
+        # the base output o: dead rows recompute its columns with rows()
+        o = F.linear(x, w, bias) + out
+        return _DoraFn.apply(o, x, a, None, b, m, norm, bias, 1.5, rows)  # type: ignore[no-any-return]
 
-    assert torch.autograd.gradcheck(fn, (out, h, b, m))
+    def fn_h(out: Tensor, h: Tensor, b: Tensor, m: Tensor) -> Tensor:  # h given (embeddings)
+        o = F.linear(x.detach(), w, bias) + out
+        return _DoraFn.apply(o, x.detach(), None, h, b, m, norm, bias, 1.5, rows)  # type: ignore[no-any-return]
+
+    assert torch.autograd.gradcheck(fn, (out, x, a, b, m))
+    assert torch.autograd.gradcheck(fn_h, (out, h, b, m))
     with torch.no_grad():
         m[1] = 0.0  # a dead row: the recompute branch
-    assert torch.autograd.gradcheck(fn, (out, h, b, m))
+    assert torch.autograd.gradcheck(fn, (out, x, a, b, m))
+    assert torch.autograd.gradcheck(fn_h, (out, h, b, m))
     od = r(2, 3, 5)
     assert torch.autograd.gradcheck(
-        lambda o, d, h, b, m: _DoraDropoutFn.apply(o, d, h, b, m, norm, 1.5), (out, od, h, b, m)
+        lambda o, d, x, a, b, m: _DoraDropoutFn.apply(o, d, x, a, b, m, norm, 1.5),
+        (out, od, x, a, b, m),
     )
 
 
@@ -193,27 +221,65 @@ class ShapeLog(TorchDispatchMode):
         return out
 
 
+def saved_storages(run: Any, owned: set[int]) -> dict[int, int]:
+    """data_ptr -> bytes of each distinct storage autograd saves during ``run()``, parameters
+    excluded; the backward is run."""
+    saved: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in owned:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = run()
+    y.sum().backward()
+    return saved
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
-def test_training_never_forms_a_dense_matrix_and_saves_only_x_h_y(kind: str) -> None:
+def test_training_never_forms_a_dense_matrix_and_saves_only_x_y(kind: str) -> None:
     layer = make(kind, dtype=torch.float32)
     x = inputs(kind, torch.float32)
     layer(x).sum().backward()  # the first forward fills the ‖W‖² cache
     layer.zero_grad()
-    saved: dict[int, int] = {}
     owned = {p.untyped_storage().data_ptr() for p in layer.parameters()}
-
-    def pack(t: Tensor) -> Tensor:
-        if t.untyped_storage().data_ptr() not in owned:
-            saved[t.untyped_storage().data_ptr()] = t.numel()
-        return t
-
     with ShapeLog() as log:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = layer(x)
-        y.sum().backward()
+        saved = saved_storages(lambda: layer(x), owned)
     assert (10, 12) not in log.shapes and (12, 10) not in log.shapes
-    # x (shared with the LoRA branch), h = x Aᵀ, y, and the norm vector: nothing else
-    assert sum(saved.values()) == x.numel() + y.numel() // 10 * 3 + y.numel() + 10
+    # x (shared with the LoRA branch), y and the norm vector; h = x Aᵀ is recomputed, except
+    # for an embedding, whose gathered h (T, r) is saved
+    h = x.numel() * 3 if kind == "embedding" else 0
+    assert sorted(saved.values()) == sorted(
+        [x.numel() * x.element_size(), 14 * 10 * 4, 10 * 4] + ([h * 4] if h else [])
+    )
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("shape", [(2, 7, 12, 10, 3), (4, 33, 8, 24, 16), (1, 5, 40, 6, 2)])
+def test_saves_no_more_than_lora_plus_one_output(kind: str, shape: tuple[int, ...]) -> None:
+    # Whatever the sizes: DoRA saves LoRA's activations (x and h) less h, plus y and the norms,
+    # so at most LoRA's bytes plus one output-sized tensor and an (out,) vector
+    n, t, d_in, d_out, r = shape
+    torch.manual_seed(0)
+    base = nn.Linear(d_in, d_out) if kind == "linear" else conv1d(d_in, d_out)
+    base.requires_grad_(False)
+    x = torch.randn(n, t, d_in, requires_grad=True)
+    lora, dora = (
+        cls(base, r=r, alpha=2.0 * r, scaling=2.0, init=False) for cls in (LoraLayer, DoraLayer)
+    )
+    owned = {p.untyped_storage().data_ptr() for m in (lora, dora) for p in m.parameters()}
+    lora_saved = saved_storages(lambda: lora(x), owned)
+    dora_saved = saved_storages(lambda: dora(x), owned)
+    y_bytes, h_bytes = n * t * d_out * 4, n * t * r * 4
+    assert sum(lora_saved.values()) == n * t * d_in * 4 + h_bytes
+    assert sum(dora_saved.values()) == sum(lora_saved.values()) - h_bytes + y_bytes + d_out * 4
+    assert sum(dora_saved.values()) <= sum(lora_saved.values()) + y_bytes + d_out * 4
+    # y is the very tensor returned: an op after the layer that saves its input (SiLU here)
+    # shares its storage, so the layer's y costs nothing extra there
+    both = saved_storages(lambda: F.silu(dora(x)), owned)
+    assert sum(both.values()) == sum(dora_saved.values())
 
 
 def test_weight_cache_follows_the_base_weight() -> None:

@@ -407,11 +407,24 @@ def test_resume_with_other_options_and_nan_are_one_line_errors(
     assert r.returncode == 2 and "--resume" in r.stderr  # never silently mixes two runs
 
 
+LAUNCHERS = {
+    "nproc": [],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                 "2", "-m"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                   "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "-m"],
+}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_nproc_2_with_accumulation_equals_one_process(
-    cli_assets: dict[str, Path], tmp_path: Path
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_two_processes_with_accumulation_equal_one_process(
+    cli_assets: dict[str, Path], tmp_path: Path, launcher: str
 ) -> None:
     """Dropout off (the processes draw their own masks); fp32, so only reduction order differs."""
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
     args = ["--steps", "6", "--lr", "1e-2"]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(
@@ -420,13 +433,12 @@ def test_nproc_2_with_accumulation_equals_one_process(
         check=True,
         capture_output=True,
     )
-    r = subprocess.run(
-        _cmd(cli_assets, two, *args, "--nproc", "2", "--grad-accum", "2", model="bert-nodrop"),
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    cmd = _cmd(cli_assets, two, *args, "--grad-accum", "2", model="bert-nodrop")
+    if launcher == "nproc":
+        cmd += ["--nproc", "2"]
+    else:
+        cmd = LAUNCHERS[launcher] + cmd[2:]  # "-m peftkit train ..." under the launcher
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "in each of 2 processes" in r.stdout
     assert r.stdout.count("accuracy after training") == 1  # rank 0 alone speaks

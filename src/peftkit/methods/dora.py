@@ -17,15 +17,20 @@ are PEFT's (``peft_type: "LORA"``, ``use_dora: true``, key ``lora_magnitude_vect
     n² = ‖W‖²_row  +  2s · rowsum((W Aᵀ) ⊙ B)  +  s² · rowsum((B (A Aᵀ)) ⊙ B)
 
 with ‖W‖²_row cached (W is frozen; the cache follows the base tensors' identity and version).
-A custom autograd function saves, beyond LoRA's x and rank-r ``x Aᵀ``, only the layer's output
-``y``: ``∂L/∂m = Σ_tokens ∂L/∂y ⊙ (y − b) / m`` (= ``Σ ∂L/∂y ⊙ z / n``, z = V x). Where the next
-op saves y anyway (Llama's gate_proj → SiLU, up_proj → the MLP product) it costs nothing; rows
-with m = 0 recompute their z. The base's own backward gets ``g ⊙ ∂L/∂y``; no (out, in) tensor is
-formed in forward or backward.
+
+**Saved activations.** A custom autograd function saves the input x (which LoRA's ∂A needs
+anyway) and the layer's output ``y``, the very tensor returned: ``∂L/∂m = Σ_tokens ∂L/∂y ⊙
+(y − b) / m`` (= ``Σ ∂L/∂y ⊙ z / n``, z = V x). The rank-r ``h = x Aᵀ`` that LoRA saves is
+recomputed in backward instead, a (T, in) @ (in, r) GEMM, so DoRA saves LoRA's activations
+less h plus one output-sized tensor per layer; where the next op saves y anyway (Llama's
+gate_proj → SiLU, up_proj → the MLP product, v_proj → attention without a KV cache) it shares
+that storage and costs nothing. Rows with m = 0 recompute their z. The base's own backward gets
+``g ⊙ ∂L/∂y``; no (out, in) tensor is formed in forward or backward.
 
 **Dropout** (train mode, p > 0) follows PEFT and the official code: the dropped input feeds the
 magnitude correction and the LoRA term, the base keeps the clean input,
-``y = base(x) + (g − 1) ⊙ D(x) Wᵀ + g ⊙ s·(D(x) Aᵀ) Bᵀ``; this path saves z = D(x)Wᵀ + s·D(x)AᵀBᵀ.
+``y = base(x) + (g − 1) ⊙ D(x) Wᵀ + g ⊙ s·(D(x) Aᵀ) Bᵀ``; this path saves D(x) and
+z = D(x)Wᵀ + s·D(x)AᵀBᵀ (y is not z there).
 """
 
 from __future__ import annotations
@@ -70,24 +75,68 @@ def _safe(norm: Tensor) -> Tensor:
     return norm.clamp_min(torch.finfo(norm.dtype).tiny)
 
 
+def _lora_grads(
+    gy: Tensor,
+    x: Tensor,
+    a: Tensor | None,
+    h: Tensor | None,
+    lora_b: Tensor,
+    s: float,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The LoRA part of backward from ``gy = g ⊙ ∂L/∂y`` (T, out): ``(∂x, ∂A, ∂h, ∂B, h)``, with
+    ``needs`` = whether x, A, h, B need a gradient. ``h = x Aᵀ`` is recomputed from the saved x
+    (a (T, in) @ (in, r) GEMM) when ``a`` is given, else it is the saved h (an embedding)."""
+    n_x, n_a, n_h, n_b = needs
+    dt, r = gy.dtype, lora_b.shape[1]
+    if a is not None:
+        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        h2 = torch.mm(x2, a.t()).to(dt) if n_b else None  # (T, in) @ (in, r) -> (T, r)
+    else:
+        assert h is not None
+        h2 = h.reshape(-1, r).to(dt)
+    d_x = d_a = d_h = d_b = None
+    if n_x or n_a or n_h:
+        ds = torch.mm(gy, lora_b.to(dt)).mul_(s)  # ∂L/∂h, (T, out) @ (out, r) -> (T, r)
+        if a is not None:
+            ds = ds.to(a.dtype)
+            d_x = torch.mm(ds, a).view(x.shape) if n_x else None  # (T, r) @ (r, in)
+            d_a = torch.mm(ds.t(), x2) if n_a else None  # (r, T) @ (T, in)
+        elif n_h:
+            assert h is not None
+            d_h = ds.to(h.dtype).view(h.shape)
+    if n_b:
+        assert h2 is not None
+        d_b = torch.mm(gy.t(), h2).mul_(s).to(lora_b.dtype)  # (out, T) @ (T, r)
+    return d_x, d_a, d_h, d_b, h2
+
+
 class _DoraFn(torch.autograd.Function):
-    """``y = g ⊙ (out + s·h Bᵀ) + (1 − g) ⊙ b`` with ``out = x Wᵀ + b`` (the base's output),
-    ``h = x Aᵀ``, ``g = m / n`` (n constant). Saves h, y and (aliasing the LoRA input) x."""
+    """``y = g ⊙ (out + s·h Bᵀ) + (1 − g) ⊙ b`` with ``out = x Wᵀ + b`` (the base's output,
+    computed outside), ``h = x Aᵀ``, ``g = m / n`` (n constant).
+
+    Saves x (which the LoRA branch needs anyway) and y, the very tensor returned (so an op after
+    the layer that saves its input shares it); h is recomputed in backward, not saved. For an
+    embedding, pass ``a=None`` and the gathered ``h`` (differentiable): h is then saved."""
 
     @staticmethod
     def forward(
         ctx: Any,
         out: Tensor,
-        h: Tensor,
+        x: Tensor,
+        a: Tensor | None,
+        h: Tensor | None,
         lora_b: Tensor,
         m: Tensor,
         norm: Tensor,
         bias: Tensor | None,
         scaling: float,
-        x: Tensor,
         rows: Any,
     ) -> Tensor:
         dt, o = out.dtype, out.shape[-1]
+        if a is not None:
+            h = F.linear(x, a)  # (..., in) @ (in, r) -> (..., r); not saved
+        assert h is not None
         g = (m.to(norm.dtype) / norm).to(dt)  # (out,)
         y = torch.addmm(
             out.reshape(-1, o), h.reshape(-1, h.shape[-1]).to(dt), lora_b.t().to(dt), alpha=scaling
@@ -96,49 +145,51 @@ class _DoraFn(torch.autograd.Function):
         if bias is not None:
             y.add_(bias.to(dt) * (1 - g))
         y = y.view(out.shape)
-        ctx.save_for_backward(h, lora_b, m, norm, bias, x, y)
+        ctx.save_for_backward(x, a, None if a is not None else h, lora_b, m, norm, bias, y)
         ctx.scaling, ctx.rows = scaling, rows
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        h, lora_b, m, norm, bias, x, y = ctx.saved_tensors
-        s, (n_out, n_h, n_b, n_m) = ctx.scaling, ctx.needs_input_grad[:4]
+        x, a, h, lora_b, m, norm, bias, y = ctx.saved_tensors
+        s, (n_out, n_x, n_a, n_h, n_b, n_m) = ctx.scaling, ctx.needs_input_grad[:6]
         o, dt = y.shape[-1], y.dtype
         dy2 = dy.reshape(-1, o)  # (T, out)
-        h2 = h.reshape(-1, h.shape[-1]).to(dt)  # (T, r)
         g = (m.to(norm.dtype) / norm).to(dt)
         gy = dy2 * g  # ∂L/∂out, (T, out)
-        d_h = (torch.mm(gy, lora_b.to(dt)) * s).to(h.dtype).view(h.shape) if n_h else None
-        d_b = (torch.mm(gy.t(), h2) * s).to(lora_b.dtype) if n_b else None  # (out, T) @ (T, r)
+        d_x, d_a, d_h, d_b, h2 = _lora_grads(gy, x, a, h, lora_b, s, (n_x, n_a, n_h, n_b))
         d_m = None
         if n_m:
             y2 = y.reshape(-1, o)
             yz = y2 - bias.to(dt) if bias is not None else y2  # = g ⊙ z
-            c = norm.dtype
-            num = (dy2 * yz).sum(0, dtype=c)  # (out,)
+            num = (dy2 * yz).sum(0, dtype=norm.dtype)  # Σ_T ∂L/∂y ⊙ g z, (out,)
             dead = m == 0
-            d_m = num / torch.where(dead, torch.ones_like(m), m).to(c)
+            d_m = num / torch.where(dead, torch.ones_like(m), m).to(norm.dtype)
             # Note: y holds no z where m = 0 (a synchronising check; only such rows recompute z).
             if bool(dead.any()):
                 idx = dead.nonzero().squeeze(1)
+                if h2 is None:
+                    assert a is not None
+                    h2 = torch.mm(x.reshape(-1, x.shape[-1]), a.t()).to(dt)  # (T, r)
                 z = ctx.rows(x, idx).to(dt) + torch.mm(h2, lora_b[idx].t().to(dt)) * s  # (T, k)
-                d_m[idx] = (dy2[:, idx] * z).sum(0, dtype=c) / norm[idx]
+                d_m[idx] = (dy2[:, idx] * z).sum(0, dtype=norm.dtype) / norm[idx]
             d_m = d_m.to(m.dtype)
         d_out = gy.view(dy.shape) if n_out else None
-        return d_out, d_h, d_b, d_m, None, None, None, None, None
+        return d_out, d_x, d_a, d_h, d_b, d_m, None, None, None, None
 
 
 class _DoraDropoutFn(torch.autograd.Function):
     """Train-mode dropout: ``y = out + (g − 1) ⊙ out_d + g ⊙ s·h Bᵀ`` with ``out = base(x)``,
-    ``out_d = D(x) Wᵀ`` and ``h = D(x) Aᵀ``. Saves h and ``z = out_d + s·h Bᵀ``."""
+    ``out_d = D(x) Wᵀ`` and ``h = D(x) Aᵀ``. Saves D(x) (the LoRA branch needs it anyway) and
+    ``z = out_d + s·h Bᵀ``; h is recomputed in backward."""
 
     @staticmethod
     def forward(
         ctx: Any,
         out: Tensor,
         out_d: Tensor,
-        h: Tensor,
+        xd: Tensor,
+        a: Tensor,
         lora_b: Tensor,
         m: Tensor,
         norm: Tensor,
@@ -146,6 +197,7 @@ class _DoraDropoutFn(torch.autograd.Function):
     ) -> Tensor:
         dt, o = out.dtype, out.shape[-1]
         g = (m.to(norm.dtype) / norm).to(dt)
+        h = F.linear(xd, a)  # (..., in) @ (in, r) -> (..., r); not saved
         z = torch.addmm(
             out_d.reshape(-1, o).to(dt),
             h.reshape(-1, h.shape[-1]).to(dt),
@@ -153,24 +205,22 @@ class _DoraDropoutFn(torch.autograd.Function):
             alpha=scaling,
         )  # (T, out) + (T, r) @ (r, out)
         y = (out.reshape(-1, o) - out_d.reshape(-1, o).to(dt)).addcmul_(z, g)  # (T, out)
-        ctx.save_for_backward(h, lora_b, m, norm, z)
+        ctx.save_for_backward(xd, a, lora_b, m, norm, z)
         ctx.scaling = scaling
         return y.view(out.shape)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        h, lora_b, m, norm, z = ctx.saved_tensors
-        s, (n_out, n_od, n_h, n_b, n_m) = ctx.scaling, ctx.needs_input_grad[:5]
+        xd, a, lora_b, m, norm, z = ctx.saved_tensors
+        s, (n_out, n_od, n_x, n_a, n_b, n_m) = ctx.scaling, ctx.needs_input_grad[:6]
         o, dt = z.shape[-1], z.dtype
         dy2 = dy.reshape(-1, o)  # (T, out)
         g = (m.to(norm.dtype) / norm).to(dt)
         gy = dy2 * g
-        d_h = (torch.mm(gy, lora_b.to(dt)) * s).to(h.dtype).view(h.shape) if n_h else None
-        h2 = h.reshape(-1, h.shape[-1]).to(dt)
-        d_b = (torch.mm(gy.t(), h2) * s).to(lora_b.dtype) if n_b else None  # (out, r)
+        d_x, d_a, _, d_b, _ = _lora_grads(gy, xd, a, None, lora_b, s, (n_x, n_a, False, n_b))
         d_m = ((dy2 * z).sum(0, dtype=norm.dtype) / norm).to(m.dtype) if n_m else None
         d_od = (gy - dy2).view(dy.shape) if n_od else None
-        return dy if n_out else None, d_od, d_h, d_b, d_m, None, None
+        return dy if n_out else None, d_od, d_x, d_a, d_b, d_m, None, None
 
 
 class DoraLayer(LoraLayer):
@@ -212,22 +262,13 @@ class DoraLayer(LoraLayer):
         return row_norms(w, self.lora_A, self.lora_B, self.scaling, self._w_sq)
 
     # -- forward ----------------------------------------------------------------------------------
-    def _lora_a(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x', x' Aᵀ)``: the input as the LoRA branch sees it (which autograd saves) and h."""
-        if self.kind == EMBEDDING:
-            e = self.base
-            assert isinstance(e, nn.Embedding)
-            return x, F.embedding(
-                x,
-                self.lora_A.T,
-                e.padding_idx,
-                e.max_norm,
-                e.norm_type,
-                e.scale_grad_by_freq,
-                e.sparse,
-            )  # (..., r)
-        x = x.to(self.lora_A.dtype)
-        return x, F.linear(x, self.lora_A)  # (..., in) @ (in, r) -> (..., r)
+    def _embed_a(self, x: Tensor) -> Tensor:
+        """``h = A[:, x]ᵀ`` (..., r) for an embedding base, with the base's lookup options."""
+        e = self.base
+        assert isinstance(e, nn.Embedding)
+        return F.embedding(
+            x, self.lora_A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse
+        )  # (..., r)
 
     def _bias(self) -> Tensor | None:
         return None if self.kind == EMBEDDING else getattr(self.base, "bias", None)
@@ -252,17 +293,21 @@ class DoraLayer(LoraLayer):
         if self.disabled or self.merged:
             return out
         norm = _safe(self.weight_norm())
-        m, b = self.lora_magnitude_vector, self.lora_B
-        if not self.training or isinstance(self.dropout, nn.Identity):
-            # Note: x (as cast for A) is saved by the A branch already; saving it again is free.
-            xa, h = self._lora_a(x)
+        m, a, b = self.lora_magnitude_vector, self.lora_A, self.lora_B
+        if self.kind == EMBEDDING:
+            # Note: the gathered h = A[:, x]ᵀ keeps its own autograd (padding_idx, ...); saved.
             y: Tensor = _DoraFn.apply(  # type: ignore[no-untyped-call]
-                out, h, b, m, norm, self._bias(), self.scaling, xa, self._base_rows
+                out, x, None, self._embed_a(x), b, m, norm, None, self.scaling, self._base_rows
+            )
+            return y
+        if not self.training or isinstance(self.dropout, nn.Identity):
+            y = _DoraFn.apply(  # type: ignore[no-untyped-call]
+                out, x.to(a.dtype), a, None, b, m, norm, self._bias(), self.scaling, self._base_rows
             )
             return y
         xd = self.dropout(x)
         y = _DoraDropoutFn.apply(  # type: ignore[no-untyped-call]
-            out, self._base_no_bias(xd), self._lora_a(xd)[1], b, m, norm, self.scaling
+            out, self._base_no_bias(xd), xd.to(a.dtype), a, b, m, norm, self.scaling
         )
         return y
 
