@@ -381,6 +381,37 @@ def test_causal_lm_train_and_eval_perplexity(
     assert printed(out, "perplexity") == pytest.approx(math.exp(nll / n), rel=1e-4)
 
 
+def test_longlora_causal_lm_with_position_interpolation(
+    assets: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``peftkit train --method longlora --task causal-lm --max-length N``: LongLoRA's own targets
+    (q, k, v, o), embeddings and norms trained in full, and the RoPE factor recorded so that eval
+    rebuilds the extended model."""
+    out_dir = assets["root"] / "longlora-run"
+    code, out, err = run(
+        capsys, "train", "--method", "longlora", "--task", "causal-lm", "--model",
+        assets["llama"], "--data", assets["lm"], "--steps", "4", "--batch-size", "8",
+        "--lr", "1e-2", "--max-length", "16", "--config", "context_factor=2",
+        "--output", out_dir,
+    )  # fmt: skip
+    assert code == 0, err
+    cfg = json.loads((out_dir / "adapter_config.json").read_text())
+    assert cfg["peftkit_method"] == "longlora"
+    assert sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    saved = set(cfg["modules_to_save"])
+    assert {"model.embed_tokens", "model.norm"} <= saved
+    assert all(n.endswith(("embed_tokens", "norm", "layernorm")) for n in saved)
+    assert cfg["context_factor"] == 2
+    m = json.loads((out_dir / "metrics.json").read_text())
+    assert m["perplexity_after"] < m["perplexity_before"]
+    code, out, err = run(capsys, "eval", "--adapter", out_dir, "--data", assets["lm"])
+    assert code == 0, err
+    assert printed(out, "perplexity") == pytest.approx(m["perplexity_after"], rel=1e-4)
+    code, out, err = run(capsys, "inspect", out_dir, "--json")
+    assert code == 0, err
+    assert len(json.loads(out)["modules"]) == 8  # q, k, v, o of 2 layers
+
+
 # ---------------------------------------------------------------- every method, NF4, LoRA+
 
 

@@ -427,7 +427,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _status(f"loading {model_path} ...")
     model, tokenizer = T.load_model(model_path, task, label_names=label_names)
     _, total = trainable_parameters(model)
-    targets = _targets(args.target_modules) or T.default_targets(model)
+    targets = _targets(args.target_modules) or T.default_targets(model, args.method)
     heads = T.head_modules(model, len(label_names)) if task == T.CLASSIFY else None
     config = T.build_config(
         args.method,
@@ -698,7 +698,8 @@ def _owner(path: str, targets: Any, saved: Sequence[str]) -> tuple[str, str]:
     parts = path.split(".")
     for i in range(len(parts) - 1, 0, -1):
         prefix, tail = ".".join(parts[:i]), parts[i - 1]
-        if tail in saved:
+        # PEFT matches modules_to_save on a name's tail, which may span several parts.
+        if any(prefix == s or prefix.endswith(f".{s}") for s in saved):
             return prefix, "saved"
         if isinstance(targets, str):
             if targets != "all-linear" and re.fullmatch(targets, prefix):
@@ -874,8 +875,8 @@ def build_parser() -> Parser:
         "--target-modules",
         nargs="+",
         metavar="NAME",
-        help="module names (query value), a regex, or all-linear (default: the attention "
-        "query/value projections)",
+        help="module names (query value), a regex, or all-linear (default: the method's own, "
+        "e.g. LongLoRA's q/k/v/o, else the attention query/value projections)",
     )
     p.add_argument("--lr", type=float, default=2e-3, help="constant learning rate (2e-3)")
     p.add_argument("--steps", type=int, default=100, help="optimizer steps (100)")

@@ -134,10 +134,21 @@ def load_model(
     return model, tokenizer
 
 
-def default_targets(model: nn.Module) -> tuple[str, ...] | str:
-    """The first of :data:`DEFAULT_TARGETS` whose names all occur in ``model``, else
-    ``"all-linear"``."""
+def default_targets(model: nn.Module, method: str | None = None) -> tuple[str, ...] | str:
+    """The method's own default targets when it has some and ``model`` has them all (LongLoRA:
+    q, k, v and o), else the first of :data:`DEFAULT_TARGETS` whose names all occur in ``model``,
+    else ``"all-linear"``."""
     tails = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    if method is not None:
+        own = _field_default(
+            next(
+                f
+                for f in dataclasses.fields(METHODS[method].config_cls)
+                if f.name == "target_modules"
+            )
+        )
+        if isinstance(own, tuple) and own and all(n in tails for n in own):
+            return own
     for names in DEFAULT_TARGETS:
         if all(n in tails for n in names):
             return names
