@@ -335,6 +335,36 @@ def test_inspect_plot(
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_dylora_eval_at_every_rank_and_its_curve(
+    assets: dict[str, Path],
+    trained: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out_dir = assets["root"] / "dylora-ranks"
+    code, _, err = run(
+        capsys, "train", "--model", assets["bert"], "--data", assets["csv"], "--method",
+        "dylora", "--r", "3", "--steps", "3", "--batch-size", "8", "--output", out_dir,
+    )  # fmt: skip
+    assert code == 0, err
+    code, out, err = run(capsys, "eval", "--adapter", out_dir, "--ranks")
+    assert code == 0, err
+    curve = json.loads((out_dir / cli.RANK_CURVE).read_text())
+    assert list(curve["ranks"]) == ["1", "2", "3"] and curve["metric"] == "accuracy"
+    # At the full rank, the number a plain eval gives (it uses the rank the adapter was saved at).
+    code, out3, _ = run(capsys, "eval", "--adapter", out_dir)
+    assert printed(out3, "accuracy") == pytest.approx(curve["ranks"]["3"], abs=1e-4)
+    assert f"   1  {curve['ranks']['1']:.4f}" in out
+    png = tmp_path / "curve.png"
+    code, _, err = run(capsys, "inspect", out_dir, "--plot", png)
+    if code == 0:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert "needs matplotlib" in err
+    code, _, err = run(capsys, "eval", "--adapter", trained["out"], "--ranks")
+    assert code == 2 and "needs a DyLoRA adapter" in err
+
+
 def test_causal_lm_train_and_eval_perplexity(
     assets: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -602,14 +602,44 @@ def _env_threads() -> int | None:
     return int(v) if v and v.isdigit() and int(v) > 0 else None
 
 
+RANK_CURVE = "rank_curve.json"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     model, tokenizer, info, task, labels = _rebuild(args)
     examples, _, desc = _eval_data(args, info, task, labels if task == T.CLASSIFY else None)
     max_length = args.max_length or int(info.get("max_length") or 64)
     enc = T.encode(tokenizer, examples, task, max_length)
+    metric = _metric_name(task)
+    if args.ranks:
+        return _eval_ranks(args, model, enc, task, desc)
     value = T.evaluate(model, enc, task=task, batch_size=args.eval_batch_size)
     print(f"data       {desc}")
-    print(f"{_metric_name(task)}   {value:.4f}")
+    print(f"{metric}   {value:.4f}")
+    return 0
+
+
+def _eval_ranks(args: argparse.Namespace, model: Any, enc: T.Encoded, task: str, desc: str) -> int:
+    """DyLoRA: the metric at every rank 1..r of one adapter (``set_rank``), printed and written
+    to ``ADAPTER/rank_curve.json`` for ``peftkit inspect --plot``."""
+    from .methods import dylora
+
+    layers = [a for _, a in adapters(model) if isinstance(a, dylora.DyLoraLayer)]
+    if not layers:
+        raise CliError(f"--ranks needs a DyLoRA adapter; {args.adapter} is not one")
+    metric = _metric_name(task)
+    curve: dict[str, float] = {}
+    print(f"data       {desc}")
+    print(f"rank  {metric}")
+    for b in range(1, max(a.r for a in layers) + 1):
+        dylora.set_rank(model, b)
+        curve[str(b)] = T.evaluate(
+            model, enc, task=task, batch_size=args.eval_batch_size, desc=f"rank {b}"
+        )
+        print(f"{b:>4}  {curve[str(b)]:.4f}")
+        sys.stdout.flush()
+    _write_json(Path(args.adapter) / RANK_CURVE, {"metric": metric, "data": desc, "ranks": curve})
+    print(f"wrote      {Path(args.adapter) / RANK_CURVE}")
     return 0
 
 
@@ -802,7 +832,8 @@ def summarize_adapter(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def plot_ranks(summary: dict[str, Any], path: str) -> None:
-    """A heatmap of rank per module: rows are layer indices, columns module names within a layer."""
+    """A heatmap of rank per module (rows: layer indices, columns: module names within a layer);
+    for a DyLoRA folder with ``peftkit eval --ranks`` results, the metric-by-rank curve instead."""
     try:
         import matplotlib
 
@@ -816,6 +847,23 @@ def plot_ranks(summary: dict[str, Any], path: str) -> None:
         layer = hit.group(1) if hit else "-"
         column = name[hit.end() - 1 :] if hit else name
         cells[(layer, column)] = m["rank"] if m["rank"] is not None else 0
+    curve_file = Path(summary["path"]) / RANK_CURVE
+    if curve_file.is_file():  # DyLoRA with `peftkit eval --ranks` results: the curve says more
+        curve = json.loads(curve_file.read_text(encoding="utf-8"))
+        xs = sorted(int(k) for k in curve["ranks"])
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(xs, [curve["ranks"][str(x)] for x in xs], marker="o")
+        ax.set_xlabel("rank used at inference (set_rank)")
+        ax.set_ylabel(curve["metric"])
+        ax.set_xticks(xs)
+        ax.grid(alpha=0.3)
+        ax.set_title(
+            f"{summary['method']}: {curve['metric']} by rank ({Path(summary['path']).name})"
+        )
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return
     if not cells:
         raise CliError(f"{summary['path']}: no adapted modules to plot")
     rows = sorted(
@@ -952,6 +1000,11 @@ def build_parser() -> Parser:
     p.add_argument("--task", choices=T.TASKS, help="(default: the training run's)")
     p.add_argument("--max-length", type=int, help="(default: the training run's, else 64)")
     p.add_argument("--eval-batch-size", type=int, default=128, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--ranks",
+        action="store_true",
+        help=f"DyLoRA: evaluate at every rank 1..r; writes ADAPTER/{RANK_CURVE} (inspect --plot)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="write a merged model folder that transformers loads")
