@@ -5,7 +5,8 @@
     python bench/w1.py --rounds 30
 
 Prints a markdown table: step time / floor (median and quartiles of per-round ratios), step time /
-the PEFT counterpart where one exists, and saved activations above the floor.
+the peer (PEFT's counterpart where one exists; for ``qlora``, peftkit's dense LoRA), and saved
+activations above the floor.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def _peft_frozen_a(dropout: float) -> Callable[[nn.Module], nn.Module]:
     return setup
 
 
+def _qlora(model: nn.Module) -> nn.Module:
+    """QLoRA: every linear but the output head held in NF4 (double quantization), then LoRA."""
+    peftkit.quantize_(model)
+    return peftkit.adapt(model, peftkit.LoraConfig(r=16, lora_alpha=32, target_modules=W1_TARGETS))
+
+
 def _full(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
@@ -118,6 +125,8 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], str | None]] = {
     "dora_dynamic": (_ours(lambda: peftkit.DoraDynamicConfig(
         init_r=16, target_r=8, lora_alpha=32, lora_dropout=0.0, total_step=1000,
         target_modules=W1_TARGETS)), None),
+    # QLoRA against the dense LoRA step (the issue's figure: what the NF4 base costs per step)
+    "qlora": (_qlora, "lora"),
     "full": (_full, None),
 }
 
@@ -160,14 +169,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"W1: Llama 512x4, batch 4x256, fp32, {torch.get_num_threads()} threads, "
           f"{args.rounds} interleaved rounds; floor step {floor_s:.3f} s")
     print()
-    print("| variant | step / floor (median [q1, q3]) | step / PEFT | saved activations above "
-          "floor |")
+    print("| variant | step / floor (median [q1, q3]) | step / peer (PEFT's; qlora: dense LoRA) "
+          "| saved activations above floor |")
     print("|---|---|---|---|")
     for n in names:
         med, q1, q3 = floor[n]
         peer = VARIANTS[n][1]
         vs = "—"
-        if peer is not None:
+        if peer is not None and peer in times:
             pm, pq1, pq3 = ratio_stats(times, peer)[n]
             vs = f"{pm:.3f} [{pq1:.3f}, {pq3:.3f}]"
         extra = (saved[n] - saved["floor"]) / mib
