@@ -66,6 +66,14 @@ def _peft_frozen_a(dropout: float) -> Callable[[nn.Module], nn.Module]:
     return setup
 
 
+def _lora_two_gemm(model: nn.Module) -> nn.Module:
+    """LoRA with the merged-weight GEMM switched off: base GEMM + the two rank-r GEMMs."""
+    model = peftkit.adapt(model, peftkit.LoraConfig(r=16, lora_alpha=32, target_modules=W1_TARGETS))
+    for _, layer in peftkit.adapters(model):
+        layer.merged_matmul = False  # type: ignore[misc]
+    return model
+
+
 def _qlora(model: nn.Module) -> nn.Module:
     """QLoRA: every linear but the output head held in NF4 (double quantization), then LoRA."""
     peftkit.quantize_(model)
@@ -125,6 +133,7 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], str | None]] = {
     "dora_dynamic": (_ours(lambda: peftkit.DoraDynamicConfig(
         init_r=16, target_r=8, lora_alpha=32, lora_dropout=0.0, total_step=1000,
         target_modules=W1_TARGETS)), None),
+    "lora-two-gemm": (_lora_two_gemm, "lora"),
     # QLoRA against the dense LoRA step (the issue's figure: what the NF4 base costs per step)
     "qlora": (_qlora, "lora"),
     "full": (_full, None),

@@ -100,8 +100,48 @@ class LoraConfig(AdapterConfig):
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
+class _MergedLinearLora(torch.autograd.Function):
+    """``y = x (W + s·BA)ᵀ + b`` for a frozen ``nn.Linear`` base: one wide GEMM per direction
+    instead of the base's plus two rank-r ones.
+
+    Forward forms ``W' = W + s·BA`` (out·in·r FLOPs, a temporary the size of W) and runs one
+    GEMM; backward forms W' again for ``dx = dy W'`` and computes ``dA = s (dy B)ᵀ x`` and
+    ``dB = s dyᵀ (x Aᵀ)``. It saves only x (which the base saves anyway) and references to
+    W, A, B: not even LoRA's (T, r) activation. Worth it when the tokens T outnumber
+    ``in·out/(in+out)``, where forming W' costs less than the rank-r GEMMs it replaces."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float
+    ) -> Tensor:
+        merged = torch.addmm(weight, b, a, alpha=s)  # (out, in) + s·(out, r) @ (r, in)
+        ctx.save_for_backward(x, weight, a, b)
+        ctx.scaling = s
+        return F.linear(x, merged, bias)  # (..., in) -> (..., out)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, a, b = ctx.saved_tensors
+        s = ctx.scaling
+        need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (T, in), (T, out)
+        dx = d_a = d_b = d_bias = None
+        if need_x:
+            dx = (dy2 @ torch.addmm(weight, b, a, alpha=s)).view(x.shape)  # (T, out) @ (out, in)
+        if need_a:
+            d_a = ((dy2 @ b).t() @ x2).mul_(s)  # ((T, out) @ (out, r))ᵀ @ (T, in) -> (r, in)
+        if need_b:
+            d_b = (dy2.t() @ (x2 @ a.t())).mul_(s)  # (out, T) @ ((T, in) @ (in, r)) -> (out, r)
+        if need_bias:
+            d_bias = dy2.sum(0)
+        return dx, None, d_bias, d_a, d_b, None
+
+
 class LoraLayer(Adapter):
     """``base(x) + s · (D(x) Aᵀ) Bᵀ``; on an embedding, ``s · A[:, x]ᵀ Bᵀ``."""
+
+    #: Train through :class:`_MergedLinearLora` where it applies (set False to compare).
+    merged_matmul: ClassVar[bool] = True
 
     roles: ClassVar[dict[str, str]] = {"lora_A": "A", "lora_B": "B"}
 
@@ -156,7 +196,33 @@ class LoraLayer(Adapter):
             h = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., r)
         return F.linear(h * self.scaling, self.lora_B)  # (..., out)
 
+    def _merged_ok(self, x: Tensor) -> bool:
+        base = self.base
+        if not (self.merged_matmul and type(base) is nn.Linear and torch.is_grad_enabled()):
+            return False
+        w, a = base.weight, self.lora_A
+        tokens = x.numel() // max(x.shape[-1], 1)
+        # Note: the base's forward is bypassed, so anything that hooks it (FSDP's unshard,
+        # accelerate's offload, which replaces .forward, user hooks) keeps the two-GEMM path.
+        hooked = bool(base._forward_hooks or base._forward_pre_hooks) or "forward" in vars(base)
+        return (
+            not hooked
+            and type(w) is nn.Parameter
+            and not w.requires_grad
+            and isinstance(self.dropout, nn.Identity)
+            and x.dtype == w.dtype == a.dtype
+            and not torch.is_autocast_enabled()
+            and tokens * (self.in_features + self.out_features)
+            >= self.in_features * self.out_features
+        )
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if not (self.disabled or self.merged) and self._merged_ok(x):
+            base = self.base
+            y: Tensor = _MergedLinearLora.apply(  # type: ignore[no-untyped-call]
+                x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling
+            )
+            return y
         out: Tensor = self.base(x, *args, **kwargs)
         if self.disabled or self.merged:
             return out
