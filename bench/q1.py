@@ -50,6 +50,8 @@ GRIDS: dict[str, tuple[float, ...]] = {
     "full": (2e-5, 5e-5, 1e-4),
     # VeRA trains only two scaling vectors per layer; its paper uses learning rates ~10x LoRA's.
     "vera": (5e-3, 1e-2, 2e-2),
+    # LoRA+ at ratio 16 runs B at 16 x lr: the adapter grid diverges from lr 2e-3 on (measured).
+    "loraplus": (1e-4, 2e-4, 5e-4),
 }
 # Rows that are LoRA with a training-side change rather than a registry method of their own.
 ALIASES: dict[str, dict[str, Any]] = {

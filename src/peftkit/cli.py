@@ -594,6 +594,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{metrics['peak_rss_bytes'] / 2**30:.2f} GiB"
     )
     print(f"wrote      {out}/ ({WEIGHTS_NAME}, {CONFIG_NAME}, {T.TRAIN_INFO}, {METRICS_NAME})")
+    if len(saved) > (resume is not None):
+        print(f"checkpoints {ckpt_root}/ (newest {saved[-1].name})")
     return 0
 
 
