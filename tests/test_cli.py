@@ -599,6 +599,11 @@ def _bad_cases(a: dict[str, Path], trained: dict[str, Any]) -> Iterator[tuple[st
     )
     yield "inspect missing", ["inspect", root / "nope"]
     yield "inspect non-adapter", ["inspect", root / "not-adapter"]
+    yield "zero accumulation", ["train", *m, *d, "--grad-accum", "0"]
+    yield "batch not split", ["train", *m, *d, "--batch-size", "10", "--grad-accum", "4"]
+    yield "negative save-every", ["train", *m, *d, "--save-every", "-1"]
+    yield "zero processes", ["train", *m, *d, "--nproc", "0"]
+    yield "resume without checkpoints", ["train", *m, *d, "--output", root / "fresh", "--resume"]
 
 
 BAD = [
@@ -622,6 +627,11 @@ BAD = [
     "export rank of a LoRA",
     "inspect missing",
     "inspect non-adapter",
+    "zero accumulation",
+    "batch not split",
+    "negative save-every",
+    "zero processes",
+    "resume without checkpoints",
 ]
 
 
@@ -654,6 +664,8 @@ def test_bad_input_messages_name_the_problem(
         ("no text column", "'text'"),
         ("missing model", "does not exist"),
         ("adapter without base", "pass --model"),
+        ("batch not split", "multiple of 4"),
+        ("resume without checkpoints", "no checkpoint in"),
     ]:
         assert cli.main([str(x) for x in cases[case]]) == 2
         assert needle in capsys.readouterr().err, case
