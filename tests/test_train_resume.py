@@ -206,6 +206,218 @@ def test_checkpoint_of_another_model_is_refused_before_anything_changes(tmp_path
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_optimizer_of_another_shape_is_refused_before_anything_changes(tmp_path: Path) -> None:
+    _tiny_run(tmp_path, steps=1)
+    model, _ = _build("lora", 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:]}], lr=1e-2)
+    before = {k: v.detach().clone() for k, v in training_tensors(model).items()}
+    with pytest.raises(CheckpointError, match="parameter groups"):
+        load_checkpoint(tmp_path / "step-00000001", model=model, optimizer=opt)
+    after = training_tensors(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_load_attaches_the_hooks_so_their_state_is_restored(tmp_path: Path) -> None:
+    model, opt = _build("dylora", 6)
+    T.fit(model, _lm_data(), task=T.CAUSAL_LM, steps=3, batch_size=4, optimizer=opt,
+          show_progress=False)  # fmt: skip
+    save_checkpoint(tmp_path, 3, model=model, optimizer=opt, trainer_state={})
+    saved = peftkit.core.get_state(model).hooks[0].state_dict()
+
+    model, opt = _build("dylora", 6)  # no attach: load_checkpoint must not drop the hook state
+    load_checkpoint(tmp_path / "step-00000003", model=model, optimizer=opt)
+    hook = peftkit.core.get_state(model).hooks[0]
+    assert (hook.step, hook.rank) == (saved["step"], saved["rank"]) == (3, saved["rank"])
+    assert torch.equal(hook.generator.get_state(), saved["generator"])
+
+    model, opt = _build("dylora", 6)  # never attached, so the hooks never ran: refuse to save
+    with pytest.raises(ValueError, match="peftkit.attach"):
+        save_checkpoint(tmp_path, 4, model=model, optimizer=opt, trainer_state={})
+    model, opt = _build("lora", 6)
+    with pytest.raises(ValueError, match="must not set"):
+        save_checkpoint(tmp_path, 4, model=model, optimizer=opt, trainer_state={"step": 9})
+
+
+def test_rotation_keeps_the_new_checkpoint_and_drops_an_abandoned_later_one(
+    tmp_path: Path,
+) -> None:
+    model, opt = _build("lora", 3)
+    save_checkpoint(tmp_path, 2, model=model, optimizer=opt, trainer_state={}, keep=1)
+    (tmp_path / "step-00000005").mkdir()  # damaged, from the run this one resumed before
+    (tmp_path / ".step-00000004.partial").mkdir()  # a save killed halfway
+    save_checkpoint(tmp_path, 3, model=model, optimizer=opt, trainer_state={}, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003"]
+    found = latest_checkpoint(tmp_path)
+    assert found is not None and found[1]["step"] == 3
+
+
+def test_batchnorm_running_statistics_are_saved_and_restored(tmp_path: Path) -> None:
+    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)
+        )
+        peftkit.adapt(net, peftkit.LoraConfig(r=2, target_modules=["0", "2"]))
+        return net.train(), torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
+
+    net, opt = build()
+    net(torch.randn(16, 4)).sum().backward()  # training mode: the frozen BatchNorm's stats move
+    opt.step()
+    assert "1.running_mean" in training_tensors(net)
+    save_checkpoint(tmp_path, 1, model=net, optimizer=opt, trainer_state={})
+    fresh, opt2 = build()
+    load_checkpoint(tmp_path / "step-00000001", model=fresh, optimizer=opt2)
+    for k, v in net.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def _two_ranks(script: str, *args: str) -> tuple[list[int], list[str]]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = _env()
+        env.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script, *args],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    try:
+        outs = [p.communicate(timeout=240)[0] for p in procs]  # a hang would time out here
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], outs
+
+
+_RANK_WORKER = """
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import peftkit
+from peftkit import checkpoint as C
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+peftkit.adapt(model, peftkit.LoraConfig(r=2, target_modules=["0"]))
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+torch.manual_seed(100 + rank)  # each process its own stream
+root = Path(sys.argv[1])
+C.save_checkpoint(root, 1, model=model, optimizer=opt, trainer_state={})
+nxt = torch.rand(3)
+torch.manual_seed(7)
+C.load_checkpoint(root / "step-00000001", model=model, optimizer=opt)
+assert torch.equal(torch.rand(3), nxt), "generator state of this rank not restored"
+if rank == 0:
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+    C._write = full_disk
+try:
+    C.save_checkpoint(root, 2, model=model, optimizer=opt, trainer_state={})
+except (OSError, C.CheckpointError) as e:
+    print(f"rank {rank}: {e}", flush=True)
+    dist.destroy_process_group()
+    os._exit(3)  # not sys.exit: gloo's threads can abort the interpreter's teardown
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_restore_their_own_generators_and_a_failed_write_stops_both(
+    tmp_path: Path,
+) -> None:
+    codes, outs = _two_ranks(_RANK_WORKER, str(tmp_path))
+    assert codes == [3, 3], outs
+    assert "rank 0: No space left on device" in outs[0]
+    assert "rank 1: rank 0 could not write" in outs[1] and "No space left" in outs[1]
+    assert [s for s, _ in checkpoints(tmp_path)] == [1]
+
+
+_FSDP_WORKER = """
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+
+import peftkit
+from peftkit import checkpoint as C
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+root = Path(sys.argv[1])
+
+
+def build():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    cfg = peftkit.LoraConfig(r=2, target_modules=["0", "2"], lora_dropout=0.2)
+    peftkit.adapt(net.double(), cfg)
+    fully_shard(net)
+    torch.manual_seed(10 + rank)  # each process its own dropout stream
+    return net, torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+
+
+def train(net, opt, steps):
+    for step in steps:
+        x = torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        net(x * (rank + 1)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 2:
+            C.save_checkpoint(root, 2, model=net, optimizer=opt, trainer_state={})
+
+
+def full(net):
+    return {k: v.full_tensor() for k, v in C.training_tensors(net).items()}
+
+
+net, opt = build()
+train(net, opt, range(1, 5))
+ref = full(net)
+net, opt = build()
+C.load_checkpoint(root / "step-00000002", model=net, optimizer=opt)
+train(net, opt, range(3, 5))
+got = full(net)
+bad = [k for k in ref if not torch.equal(ref[k], got[k])]
+print(f"rank {rank}: {len(ref)} tensors, differ: {bad}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+os._exit(1 if bad else 0)  # not sys.exit: gloo's threads can abort the interpreter's teardown
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_checkpoint_resumes_bit_exact(tmp_path: Path) -> None:
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("FSDP2 (fully_shard) needs a newer torch")
+    codes, outs = _two_ranks(_FSDP_WORKER, str(tmp_path))
+    assert codes == [0, 0], outs
+    assert all("differ: []" in o for o in outs), outs
+
+
 # -- NaN guard -----------------------------------------------------------------------------------
 def test_non_finite_loss_stops_before_the_update(tmp_path: Path) -> None:
     model, opt = _build("lora", 6)

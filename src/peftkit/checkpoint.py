@@ -13,10 +13,11 @@ A checkpoint is a folder ``<root>/step-<N>/`` holding
 - ``manifest.json``, written last: the SHA-256 and size of each file above.
 
 Writing goes to a hidden sibling folder that is renamed into place only when complete (then the
-oldest checkpoints beyond ``keep`` are removed), so a kill at any moment leaves every earlier
-checkpoint intact. :func:`latest_checkpoint` checks the manifest and falls back to the previous
-checkpoint when the newest is truncated or corrupted. Only JSON and safetensors are read: loading a
-checkpoint never executes code.
+oldest checkpoints beyond ``keep`` are removed, and any of a later step: those belong to a run
+abandoned at an earlier checkpoint, damaged ones included), so a kill at any moment leaves every
+earlier checkpoint intact. :func:`latest_checkpoint` checks the manifest and falls back to the
+previous checkpoint when the newest is truncated or corrupted. Only JSON and safetensors are
+read: loading a checkpoint never executes code.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .core import adapters, get_state, unwrap
-from .hooks import _flatten, _unflatten
+from .hooks import STATE_KEY, _flatten, _unflatten, attach, is_attached
 from .inject import SHARED_ATTR
 from .methods import METHODS
 
@@ -46,6 +47,8 @@ OPTIMIZER_TENSORS, OPTIMIZER_JSON = "optimizer.safetensors", "optimizer.json"
 RNG_FILE = "rng.safetensors"
 TRAINER_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_HIDDEN_DIR = re.compile(r"^\.step-\d+\.(partial|old)$")
+RESERVED = ("format", "step", "world_size")  # trainer_state keys written by save_checkpoint
 FORMAT = 1
 
 
@@ -59,11 +62,19 @@ def training_tensors(model: nn.Module) -> dict[str, Tensor]:
 
     Trainable parameters, plus everything held by the adapter layers and the shared module: the
     frozen base of an adapter layer is left out unless the method updates it (``Method.
-    mutates_base``, Delta-LoRA), since rebuilding the model from the same folder restores it."""
+    mutates_base``, Delta-LoRA), since rebuilding the model from the same folder restores it.
+    Running statistics (BatchNorm's ``running_mean``/``running_var``/``num_batches_tracked``)
+    change in training mode even in a frozen module, so they are kept too."""
     root = unwrap(model)
     state = get_state(root, required=False)
     full = root.state_dict(keep_vars=True)
     keep = {name for name, p in root.named_parameters() if p.requires_grad}
+    for name, m in root.named_modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+            for b, _ in m.named_buffers(recurse=False):
+                key = f"{name}.{b}" if name else b
+                if key in full:
+                    keep.add(key)
     if state is not None:
         mutates = getattr(METHODS[state.config.method], "mutates_base", False)
         prefixes = [f"{name}." for name, _ in adapters(root)]
@@ -81,6 +92,17 @@ def _cpu(t: Tensor) -> Tensor:
     full = getattr(t, "full_tensor", None)  # an FSDP2 shard: gather (every rank calls this)
     t = full() if callable(full) else t
     return t.detach().to("cpu").clone().contiguous()
+
+
+def _like(t: Tensor, live: Tensor) -> Tensor:
+    """``t``, a full tensor read from a file, laid out as ``live``: sharded the same way when
+    ``live`` is an FSDP2 DTensor (a collective: every rank calls this in the same order)."""
+    mesh = getattr(live, "device_mesh", None)
+    if mesh is None:
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(live.device), mesh, live.placements)
 
 
 def _rng_state() -> dict[str, Tensor]:
@@ -153,60 +175,102 @@ def save_checkpoint(
     """Write ``root/step-<step>/`` atomically and keep only the newest ``keep`` checkpoints.
 
     Every process calls this (the generator states are gathered, FSDP2 shards too); rank 0 alone
-    writes. Returns the folder."""
+    writes. Checkpoints of a later step than ``step`` are removed: they belong to the run that
+    this one resumed before (a damaged one, or one abandoned on purpose), and a later resume must
+    never pick them over this one. Returns the folder."""
     if keep < 1:
         raise ValueError(f"keep={keep} must be at least 1")
+    clash = sorted(k for k in RESERVED if k in trainer_state)
+    if clash:
+        raise ValueError(f"trainer_state must not set {clash}: save_checkpoint writes them")
+    state = get_state(model, required=False)
+    if state is not None and state.hooks and not is_attached(optimizer, model):
+        # Note: the hooks' states ride in the optimizer's state dict only once attached; without
+        # it they would be missing from the checkpoint (and the hooks never ran anyway).
+        raise ValueError(
+            "the model's training hooks are not attached to this optimizer, so their state "
+            "cannot be saved; call peftkit.attach(optimizer, model) before training"
+        )
     rank, world = _dist()
     model_t = {k: _cpu(v) for k, v in training_tensors(model).items()}
     opt_json, opt_t = _optimizer_files(optimizer)
+    # Note: serialised on every process, so a value JSON cannot hold fails on all of them alike
+    # instead of on rank 0 alone while the others wait in the collective below.
+    texts = {
+        OPTIMIZER_JSON: json.dumps(opt_json),
+        TRAINER_FILE: json.dumps(
+            {**trainer_state, "format": FORMAT, "step": step, "world_size": world}, indent=1
+        ),
+    }
     rng = _rng_state()
     if world > 1:
         gathered: list[Any] = [None] * world
         torch.distributed.all_gather_object(gathered, rng)
     else:
         gathered = [rng]
-    base = Path(root)
-    final = base / f"step-{step:08d}"
+    final = Path(root) / f"step-{step:08d}"
+    error: Exception | None = None
     if rank == 0:
-        base.mkdir(parents=True, exist_ok=True)
-        partial = base / f".step-{step:08d}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
         rng_t = {f"rank{r}.{k}": v for r, s in enumerate(gathered) for k, v in s.items()}
-        doc = {"format": FORMAT, "step": step, "world_size": world, **trainer_state}
-        writers: dict[str, Callable[[Path], None]] = {
-            MODEL_FILE: lambda p: save_file(model_t, str(p)),
-            OPTIMIZER_TENSORS: lambda p: save_file(opt_t, str(p)),
-            OPTIMIZER_JSON: lambda p: p.write_text(json.dumps(opt_json), encoding="utf-8"),
-            RNG_FILE: lambda p: save_file(rng_t, str(p)),
-            TRAINER_FILE: lambda p: p.write_text(json.dumps(doc, indent=1), encoding="utf-8"),
-        }
-        manifest: dict[str, Any] = {"format": FORMAT, "step": step, "files": {}}
-        for name, write in writers.items():
-            path = partial / name
-            write(path)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            manifest["files"][name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-        with open(partial / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(partial)
-        if final.exists():  # a damaged checkpoint of this step from an earlier, killed run
-            trash = base / f".step-{step:08d}.old"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-            os.replace(partial, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(partial, final)
-        _fsync_dir(base)
-        for _, old in checkpoints(base)[keep:]:
-            shutil.rmtree(old, ignore_errors=True)
+        tensors = {MODEL_FILE: model_t, OPTIMIZER_TENSORS: opt_t, RNG_FILE: rng_t}
+        try:
+            _write(final, step, keep, tensors, texts)
+        except Exception as e:  # reported to every process below, then raised
+            error = e
     if world > 1:
-        torch.distributed.barrier()
+        # Note: not a barrier: a failure on rank 0 (disk full) must stop every process, not
+        # leave the others waiting for it in the next collective.
+        status: list[Any] = [None] * world
+        failed = None if error is None else f"{type(error).__name__}: {error}"
+        torch.distributed.all_gather_object(status, failed)
+        if error is None and status[0] is not None:
+            raise CheckpointError(f"rank 0 could not write {final}: {status[0]}")
+    if error is not None:
+        raise error
     return final
+
+
+def _write(
+    final: Path, step: int, keep: int, tensors: dict[str, dict[str, Tensor]], texts: dict[str, str]
+) -> None:
+    """Rank 0's part of :func:`save_checkpoint`: write, fsync, rename into place, rotate."""
+    base = final.parent
+    base.mkdir(parents=True, exist_ok=True)
+    partial = base / f".{final.name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    manifest: dict[str, Any] = {"format": FORMAT, "step": step, "files": {}}
+    for name in (*tensors, *texts):
+        path = partial / name
+        if name in tensors:
+            save_file(tensors[name], str(path))
+        else:
+            path.write_text(texts[name], encoding="utf-8")
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        manifest["files"][name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+    with open(partial / MANIFEST, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(partial)
+    if final.exists():  # a damaged checkpoint of this step from an earlier, killed run
+        trash = base / f".{final.name}.old"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        os.replace(partial, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(partial, final)
+    _fsync_dir(base)
+    found = checkpoints(base)
+    later = [p for s, p in found if s > step]
+    earlier = [p for s, p in found if s <= step]  # newest first: ``final`` leads
+    for old in later + earlier[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    for p in base.iterdir():  # what saves killed halfway left (never a checkpoint)
+        if _HIDDEN_DIR.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -236,6 +300,12 @@ def verify_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path / TRAINER_FILE}: not JSON ({e})") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path / TRAINER_FILE}: not a format-{FORMAT} trainer state")
+    m = _STEP_DIR.match(path.name)
+    if m and (int(m.group(1)) != state.get("step") or manifest.get("step") != state.get("step")):
+        raise CheckpointError(
+            f"{path}: the folder, {MANIFEST} and {TRAINER_FILE} name different steps "
+            f"({int(m.group(1))}, {manifest.get('step')!r}, {state.get('step')!r})"
+        )
     return state
 
 
@@ -255,7 +325,10 @@ def latest_checkpoint(
             if warn is not None:
                 warn(f"skipping damaged checkpoint {folder.name}: {e}")
     if found:
-        raise CheckpointError(f"no intact checkpoint in {root}: {'; '.join(problems)}")
+        raise CheckpointError(
+            f"no intact checkpoint in {root}: {'; '.join(problems)}; nothing to resume from: "
+            f"remove {root} to start the run over"
+        )
     return None
 
 
@@ -270,16 +343,19 @@ def _load(path: Path) -> dict[str, Tensor]:
 def load_checkpoint(
     folder: str | os.PathLike[str], *, model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restore the model's training state, the optimizer (and hooks: attach them first) and this
-    process's generator states from ``folder``; returns the trainer state. Every tensor is checked
-    for name, shape and dtype before anything is changed."""
+    """Restore the model's training state, the optimizer (with the training hooks' states: the
+    hooks are attached to ``optimizer`` here, as :func:`peftkit.attach` would) and this process's
+    generator states from ``folder``; returns the trainer state. Every tensor is checked for name,
+    shape and dtype, and the optimizer's parameter groups and the hook count against the saved
+    ones, before anything is changed."""
     path = Path(folder)
     state = verify_checkpoint(path)
     rank, world = _dist()
     if state.get("world_size") != world:
         raise CheckpointError(
-            f"{path} was written by {state.get('world_size')} processes, this run has {world}; "
-            "resume with the same number of processes"
+            f"{path} was written by a run of {state.get('world_size')} process(es), this one has "
+            f"{world}; resume with as many (--nproc {state.get('world_size')}): each process has "
+            "its own generator state"
         )
     saved = _load(path / MODEL_FILE)
     live = training_tensors(model)
@@ -295,15 +371,47 @@ def load_checkpoint(
                 f"{path / MODEL_FILE}: {k} is {t.dtype} {tuple(t.shape)}, the model has "
                 f"{live[k].dtype} {tuple(live[k].shape)}"
             )
-    skeleton = json.loads((path / OPTIMIZER_JSON).read_text(encoding="utf-8"))
-    opt_sd = _unflatten(skeleton, _load(path / OPTIMIZER_TENSORS))
-    opt_sd["state"] = {int(k): v for k, v in opt_sd["state"].items()}
+    opt_file = path / OPTIMIZER_JSON
+    opt_tensors = _load(path / OPTIMIZER_TENSORS)
+    try:
+        skeleton = json.loads(opt_file.read_text(encoding="utf-8"))
+        opt_sd = _unflatten(skeleton, opt_tensors)
+        opt_sd["state"] = {int(k): v for k, v in opt_sd["state"].items()}
+        saved_sizes = [len(g["params"]) for g in opt_sd["param_groups"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"{opt_file}: not an optimizer state ({type(e).__name__}: {e})"
+        ) from e
+    live_sizes = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_sizes != live_sizes:
+        raise CheckpointError(
+            f"{opt_file}: parameter groups of {saved_sizes} parameters, this optimizer has "
+            f"{live_sizes}; build the optimizer as the run did (same method, --loraplus-ratio)"
+        )
+    model_state = get_state(model, required=False)
+    hooks = model_state.hooks if model_state is not None else []
+    hook_states = opt_sd.get(STATE_KEY)
+    n_saved = len(hook_states) if isinstance(hook_states, list) else None
+    if (hooks or n_saved) and n_saved != len(hooks):
+        raise CheckpointError(
+            f"{opt_file}: holds {'no' if n_saved is None else n_saved} training-hook states, the "
+            f"model has {len(hooks)}; was it saved from another adapter (or without "
+            "peftkit.attach)?"
+        )
     rng = _load(path / RNG_FILE)
     cpu_rng = rng.get(f"rank{rank}.cpu")
     if cpu_rng is None:
         raise CheckpointError(f"{path / RNG_FILE}: no generator state for rank {rank}")
+    if model_state is not None:
+        attach(optimizer, model)  # idempotent; without it the hook states would be dropped
     for k, t in saved.items():
-        live[k].copy_(t)
+        live[k].copy_(_like(t, live[k]))
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # the state's indices
+    for i, per_param in sorted(opt_sd["state"].items()):
+        if 0 <= i < len(params) and getattr(params[i], "device_mesh", None) is not None:
+            for name, v in sorted(per_param.items()):
+                if isinstance(v, Tensor) and v.shape == params[i].shape:  # exp_avg, not step
+                    per_param[name] = _like(v, params[i])
     optimizer.load_state_dict(opt_sd)
     torch.set_rng_state(cpu_rng)
     if torch.cuda.is_available():
