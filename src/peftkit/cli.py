@@ -15,6 +15,7 @@ unknown method, a target that matches nothing, a data file without its columns) 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -310,7 +311,11 @@ def _launch(args: argparse.Namespace) -> int:
             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads),
             PEFTKIT_THREADS=str(threads),
         )  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, "-m", "peftkit", *args.argv], env=env))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "peftkit", *args.argv], env=env, preexec_fn=_die_with_parent
+            )
+        )
     codes: dict[int, int] = {}
     try:
         while len(codes) < n:
@@ -330,11 +335,63 @@ def _launch(args: argparse.Namespace) -> int:
     return bad[0] if bad else 0
 
 
+def _file_sha256(path: Path) -> str | None:
+    import hashlib
+
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _die_with_parent() -> None:
+    """In a ``--nproc`` worker before exec: on Linux, get SIGKILL when the launcher dies (so a
+    killed launcher leaves no process writing to --output)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+
+
+_LOCKS: list[Any] = []
+
+
+def _lock_output(out: Path) -> None:
+    """Hold an exclusive lock on ``out`` for this process's life: a second ``peftkit train``
+    writing to the same folder (e.g. a --resume while the first run still lives) is refused."""
+    try:
+        import fcntl
+    except ImportError:  # not on this platform
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    f = open(out / ".peftkit-train.lock", "w")  # noqa: SIM115  (held until exit)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise CliError(
+            f"another peftkit train is writing to {out}; wait for it or stop it first"
+        ) from None
+    _LOCKS.append(f)
+
+
 def _fingerprint(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
+    """The options a resumed run must repeat, with the contents of the model's config and of the
+    data files (a file edited between the kill and the resume is caught, not trained on)."""
     d = {k: getattr(args, k) for k in RUN_KEYS}
     d["model"] = str(model_path.resolve())
+    d["config"] = sorted(d["config"])
+    d["model_config_sha256"] = _file_sha256(model_path / "config.json")
     for k in ("data", "eval_data"):
         if d[k] is not None:
+            d[f"{k}_sha256"] = _file_sha256(Path(d[k]))
             d[k] = str(Path(d[k]).resolve())
     return json.loads(json.dumps(d))  # tuples -> lists, as they come back from the file
 
@@ -359,13 +416,41 @@ def _resume_point(args: argparse.Namespace, model_path: Path) -> tuple[Path, dic
         )
     saved = found[1].get("run", {})
     now = _fingerprint(args, model_path)
-    for k in RUN_KEYS:
+    for k in now:
         if saved.get(k) != now[k]:
             raise CliError(
                 f"--resume: {found[0]} was trained with {k}={saved.get(k)!r}, this command has "
                 f"{now[k]!r}; repeat the original options"
             )
     return found
+
+
+def _after_divergence(e: Any, root: Path, rank: int) -> str:
+    """Set aside the checkpoints that lead straight into the divergence and name the newest one
+    left: after a non-finite loss or gradient at step d, step d-1's parameters produce it again
+    whatever the learning rate, so resuming needs step d-2 or older (after an overflowing update
+    at step d, step d-1 is fine: a lower --lr changes that update)."""
+    from .checkpoint import checkpoints
+
+    limit = e.step - 1 if e.updated else e.step - 2
+    found = checkpoints(root)
+    if rank == 0:
+        for step, folder in found:
+            if step > limit:
+                folder.rename(folder.with_name(f"diverged-{folder.name}"))
+    good = [(s, f) for s, f in found if s <= limit]
+    moved = " (later ones were renamed diverged-step-...)" if len(good) < len(found) else ""
+    if good:
+        return (
+            f"resume from {good[0][1]} (step {good[0][0]}) with a lower learning rate: add "
+            f"--resume --lr <smaller>{moved}"
+        )
+    if found:
+        return (
+            f"no checkpoint from before step {limit + 1} is left{moved}; start again with a "
+            "lower --lr and a new --output"
+        )
+    return "no checkpoint was written (--save-every N keeps them); start again with a lower --lr"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -417,11 +502,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group(backend="gloo")
+            # Note: rank 0 evaluates alone before and after training; the others wait for it
+            # in a collective, so the default 30-minute timeout is too short for a big eval set.
+            dist.init_process_group(backend="gloo", timeout=datetime.timedelta(hours=6))
         if rank != 0:  # rank 0 speaks for the run
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
             os.environ["TQDM_DISABLE"] = "1"
-    threads = _set_threads(args.threads or _env_threads())
+    saved_threads = resume[1].get("threads") if resume is not None else None
+    if args.threads is not None and saved_threads and args.threads != saved_threads:
+        _warn(
+            f"the run was checkpointed with --threads {saved_threads}; with {args.threads} the "
+            "resumed run is not bit-identical to an uninterrupted one (reduction order)"
+        )
+    threads = _set_threads(args.threads or saved_threads or _env_threads())
     torch.manual_seed(args.seed)
     if rank == 0:
         _status(f"loading {model_path} ...")
@@ -486,6 +579,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{metric} before training: {before:.4f}")
     sys.stdout.flush()
 
+    if rank == 0:
+        _lock_output(Path(args.output))
     trained: Any = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -499,7 +594,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.save_every and step % args.save_every == 0:
             from .checkpoint import save_checkpoint
 
-            trainer = {"run": run, "run_lr": args.lr, "losses": step_losses, "before": before}
+            trainer = {
+                "run": run, "run_lr": args.lr, "losses": step_losses, "before": before,
+                "threads": torch.get_num_threads(),
+            }  # fmt: skip
             saved.append(
                 save_checkpoint(
                     ckpt_root, step, model=trained, optimizer=optimizer,
@@ -522,13 +620,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             on_step=on_step,
         )
     except T.TrainingDiverged as e:
-        last = (
-            f"the last good checkpoint is {saved[-1]} (step {int(saved[-1].name[5:])}): "
-            "restart with a lower --lr, or --resume with one"
-            if saved
-            else "no checkpoint was written (--save-every N keeps them); restart with a lower --lr"
-        )
-        raise CliError(f"{e}. The adapter was not written; {last}") from None
+        advice = _after_divergence(e, ckpt_root, rank)
+        raise CliError(f"{e}. The adapter was not written; {advice}") from None
     if rank == 0:
         after = T.evaluate(model, test_enc, task=task, batch_size=args.eval_batch_size, desc="eval")
     else:
@@ -581,7 +674,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "loraplus_ratio": args.loraplus_ratio,
         "seconds": round(seconds, 2),
         "train_seconds": round(fit.seconds, 2),
-        "median_step_seconds": round(fit.median_step, 4),
+        "median_step_seconds": round(fit.median_step, 4) if fit.step_seconds else None,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "peak_rss_bytes": T.peak_rss_bytes(),

@@ -371,11 +371,14 @@ def make_optimizer(
 
 
 class TrainingDiverged(ValueError):
-    """The loss or a gradient became non-finite; no optimizer step was taken with it."""
+    """The loss, a gradient or (after the update) a trainable parameter became non-finite at
+    ``step``; ``updated`` says whether that step's update was applied (the parameters are then
+    poisoned; nothing is checkpointed or returned from that step)."""
 
-    def __init__(self, step: int, what: str) -> None:
-        self.step = step
-        super().__init__(f"the {what} at step {step}; no update was made with it")
+    def __init__(self, step: int, what: str, *, updated: bool = False) -> None:
+        self.step, self.updated = step, updated
+        tail = "the update overflowed" if updated else "no update was made with it"
+        super().__init__(f"the {what} at step {step}; {tail}")
 
 
 def _world() -> tuple[int, int]:
@@ -447,12 +450,19 @@ def accumulate_gradients(
     return float(value)
 
 
-def _grads_finite(model: nn.Module) -> bool:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
+def _all_finite(tensors: list[Tensor]) -> bool:
+    if not tensors:
         return True
-    norms = torch._foreach_norm(grads)  # one fused pass: a NaN or inf anywhere shows here
+    norms = torch._foreach_norm(tensors)  # one fused pass: a NaN or inf anywhere shows here
     return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+
+def _grads_finite(model: nn.Module) -> bool:
+    return _all_finite([p.grad for p in model.parameters() if p.grad is not None])
+
+
+def _params_finite(model: nn.Module) -> bool:
+    return _all_finite([p.detach() for p in model.parameters() if p.requires_grad])
 
 
 def fit(
@@ -506,6 +516,8 @@ def fit(
                 raise TrainingDiverged(step, "gradient became non-finite (nan or inf)")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if not _params_finite(model):  # e.g. an fp16 update that overflowed
+                raise TrainingDiverged(step, "parameters became non-finite", updated=True)
             times.append(time.perf_counter() - t0)
             losses.append(value)
             if on_step is not None:
