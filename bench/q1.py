@@ -52,6 +52,9 @@ GRIDS: dict[str, tuple[float, ...]] = {
     "vera": (5e-3, 1e-2, 2e-2),
     # LoRA+ at ratio 16 runs B at 16 x lr: the adapter grid diverges from lr 2e-3 on (measured).
     "loraplus": (1e-4, 2e-4, 5e-4),
+    # AdaLoRA's E starts at zero and its A, B at N(0, 0.02²): on the adapter grid it chose the top
+    # lr (5e-3; dev 0.50 at 1e-3), so its grid starts there.
+    "adalora": (5e-3, 1e-2, 2e-2),
 }
 # Rows that are LoRA with a training-side change rather than a registry method of their own.
 ALIASES: dict[str, dict[str, Any]] = {
