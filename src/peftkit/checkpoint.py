@@ -129,7 +129,8 @@ def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[Any, dict[str, T
     return skeleton, {k: _cpu(v) for k, v in tensors.items()}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -248,7 +249,7 @@ def _write(
             path.write_text(texts[name], encoding="utf-8")
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-        manifest["files"][name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        manifest["files"][name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     with open(partial / MANIFEST, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
@@ -292,7 +293,7 @@ def verify_checkpoint(folder: str | os.PathLike[str]) -> dict[str, Any]:
             raise CheckpointError(
                 f"{f}: {f.stat().st_size} bytes, the manifest says {entry.get('bytes')} (truncated)"
             )
-        if _sha256(f) != entry.get("sha256"):
+        if sha256_file(f) != entry.get("sha256"):
             raise CheckpointError(f"{f}: checksum mismatch (the file is corrupted)")
     try:
         state = json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))

@@ -335,18 +335,6 @@ def _launch(args: argparse.Namespace) -> int:
     return bad[0] if bad else 0
 
 
-def _file_sha256(path: Path) -> str | None:
-    import hashlib
-
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _die_with_parent() -> None:
     """In a ``--nproc`` worker before exec: on Linux, get SIGKILL when the launcher dies (so a
     killed launcher leaves no process writing to --output)."""
@@ -388,10 +376,15 @@ def _fingerprint(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
     d = {k: getattr(args, k) for k in RUN_KEYS}
     d["model"] = str(model_path.resolve())
     d["config"] = sorted(d["config"])
-    d["model_config_sha256"] = _file_sha256(model_path / "config.json")
+    from .checkpoint import sha256_file
+
+    def digest(path: Path) -> str | None:
+        return sha256_file(path) if path.is_file() else None
+
+    d["model_config_sha256"] = digest(model_path / "config.json")
     for k in ("data", "eval_data"):
         if d[k] is not None:
-            d[f"{k}_sha256"] = _file_sha256(Path(d[k]))
+            d[f"{k}_sha256"] = digest(Path(d[k]))
             d[k] = str(Path(d[k]).resolve())
     return json.loads(json.dumps(d))  # tuples -> lists, as they come back from the file
 
