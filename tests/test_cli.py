@@ -604,6 +604,7 @@ def _bad_cases(a: dict[str, Path], trained: dict[str, Any]) -> Iterator[tuple[st
     yield "negative save-every", ["train", *m, *d, "--save-every", "-1"]
     yield "zero processes", ["train", *m, *d, "--nproc", "0"]
     yield "resume without checkpoints", ["train", *m, *d, "--output", root / "fresh", "--resume"]
+    yield "output holds an adapter", ["train", *m, *d, "--output", trained["out"]]
 
 
 BAD = [
@@ -632,6 +633,7 @@ BAD = [
     "negative save-every",
     "zero processes",
     "resume without checkpoints",
+    "output holds an adapter",
 ]
 
 
@@ -666,6 +668,7 @@ def test_bad_input_messages_name_the_problem(
         ("adapter without base", "pass --model"),
         ("batch not split", "multiple of 4"),
         ("resume without checkpoints", "no checkpoint in"),
+        ("output holds an adapter", "--overwrite"),
     ]:
         assert cli.main([str(x) for x in cases[case]]) == 2
         assert needle in capsys.readouterr().err, case

@@ -402,6 +402,12 @@ def _resume_point(args: argparse.Namespace, model_path: Path) -> tuple[Path, dic
                 f"{root} holds checkpoints of an earlier run; add --resume to continue it, or "
                 "choose a new --output"
             )
+        existing = Path(args.output) / WEIGHTS_NAME
+        if existing.exists() and not args.overwrite:
+            raise CliError(
+                f"{existing} exists (an earlier run's adapter); choose a new --output, or add "
+                "--overwrite to replace it"
+            )
         return None
     if found is None:
         raise CliError(
@@ -1072,6 +1078,11 @@ def build_parser() -> Parser:
         "--resume",
         action="store_true",
         help="continue the run in --output from its newest intact checkpoint (same options)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an adapter already in --output (refused otherwise)",
     )
     p.set_defaults(func=cmd_train)
 
