@@ -59,6 +59,26 @@ def _save_tokenizer(folder: Path) -> Any:
     return tok
 
 
+def save_tiny_bert(folder: Path, dropout: float = 0.1) -> Path:
+    """A tiny random BERT encoder (no head, like MiniLM) with its tokenizer, saved to ``folder``."""
+    from transformers import BertConfig, BertModel
+
+    tok = _save_tokenizer(folder)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    BertModel(cfg).save_pretrained(str(folder))
+    return folder
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
     # Note: tiny models gain nothing from threads, and on a busy machine two threads per process
@@ -72,23 +92,12 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny BERT encoder folder (no head, like MiniLM), a tiny Llama folder, a CSV, a JSONL."""
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("cli")
-    bert = root / "tiny-bert"
-    tok = _save_tokenizer(bert)
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
-    BertModel(cfg).save_pretrained(str(bert))
+    bert = save_tiny_bert(root / "tiny-bert")
     llama = root / "tiny-llama"
-    _save_tokenizer(llama)
+    tok = _save_tokenizer(llama)
     torch.manual_seed(0)
     lcfg = LlamaConfig(
         vocab_size=len(tok),

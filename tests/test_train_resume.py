@@ -453,27 +453,13 @@ def test_non_finite_loss_stops_before_the_update(tmp_path: Path) -> None:
 # -- the command line: a real SIGKILL, --nproc ---------------------------------------------------
 @pytest.fixture(scope="module")
 def cli_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from test_cli import _save_tokenizer, _sentences
-    from transformers import BertConfig, BertModel
+    from test_cli import _sentences, save_tiny_bert
 
     root = tmp_path_factory.mktemp("resume")
-    out = {}
-    for name, drop in (("bert", 0.1), ("bert-nodrop", 0.0)):
-        folder = root / name
-        tok = _save_tokenizer(folder)
-        torch.manual_seed(0)
-        cfg = BertConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            hidden_dropout_prob=drop,
-            attention_probs_dropout_prob=drop,
-        )
-        BertModel(cfg).save_pretrained(str(folder))
-        out[name] = folder
+    out = {
+        "bert": save_tiny_bert(root / "bert", dropout=0.1),
+        "bert-nodrop": save_tiny_bert(root / "bert-nodrop", dropout=0.0),
+    }
     csv = root / "reviews.csv"
     csv.write_text(
         "text,label\n" + "".join(f"{t},{y}\n" for t, y in _sentences()), encoding="utf-8"

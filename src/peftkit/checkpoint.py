@@ -113,7 +113,8 @@ def _rng_state() -> dict[str, Tensor]:
     return out
 
 
-def _dist() -> tuple[int, int]:
+def dist_rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised process group, else ``(0, 1)``."""
     d = torch.distributed
     if d.is_available() and d.is_initialized():
         return d.get_rank(), d.get_world_size()
@@ -192,7 +193,7 @@ def save_checkpoint(
             "the model's training hooks are not attached to this optimizer, so their state "
             "cannot be saved; call peftkit.attach(optimizer, model) before training"
         )
-    rank, world = _dist()
+    rank, world = dist_rank_world()
     model_t = {k: _cpu(v) for k, v in training_tensors(model).items()}
     opt_json, opt_t = _optimizer_files(optimizer)
     # Note: serialised on every process, so a value JSON cannot hold fails on all of them alike
@@ -351,7 +352,7 @@ def load_checkpoint(
     ones, before anything is changed."""
     path = Path(folder)
     state = verify_checkpoint(path)
-    rank, world = _dist()
+    rank, world = dist_rank_world()
     if state.get("world_size") != world:
         raise CheckpointError(
             f"{path} was written by a run of {state.get('world_size')} process(es), this one has "

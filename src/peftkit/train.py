@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import dist_rank_world
 from .config import AdapterConfig
 from .core import get_state
 from .data import Example
@@ -381,13 +382,6 @@ class TrainingDiverged(ValueError):
         super().__init__(f"the {what} at step {step}; {tail}")
 
 
-def _world() -> tuple[int, int]:
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size()
-    return 0, 1
-
-
 def targets_in(enc: Encoded, index: Sequence[int], task: str) -> int:
     """What the loss averages over for these rows: tokens predicted (causal LM: every token but a
     row's first) or rows (classification)."""
@@ -422,7 +416,7 @@ def accumulate_gradients(
     ``Σ_its rows ℓ / N``, times the number of processes because data-parallel gradients are
     averaged. Batch 8 x accumulation 1 and batch 1 x accumulation 8 give the same gradients, not
     a mean of per-micro-batch means (which weights short rows up)."""
-    rank, world = _world()
+    rank, world = dist_rank_world()
     parts = grad_accum * world
     if grad_accum < 1 or len(index) % parts:
         raise ValueError(
