@@ -74,6 +74,15 @@ def _lora_two_gemm(model: nn.Module) -> nn.Module:
     return model
 
 
+def _dora_unfused(model: nn.Module) -> nn.Module:
+    """DoRA with the scale-folding path switched off: the base's own GEMM, then g on the output."""
+    model = peftkit.adapt(model, peftkit.LoraConfig(r=16, lora_alpha=32, target_modules=W1_TARGETS,
+                                                    use_dora=True))
+    for _, layer in peftkit.adapters(model):
+        layer.fold_scale = False  # type: ignore[misc]
+    return model
+
+
 def _qlora(model: nn.Module) -> nn.Module:
     """QLoRA: every linear but the output head held in NF4 (double quantization), then LoRA."""
     peftkit.quantize_(model)
@@ -134,6 +143,7 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], str | None]] = {
         init_r=16, target_r=8, lora_alpha=32, lora_dropout=0.0, total_step=1000,
         target_modules=W1_TARGETS)), None),
     "lora-two-gemm": (_lora_two_gemm, "lora"),
+    "dora-unfused": (_dora_unfused, "dora"),
     # QLoRA against the dense LoRA step (the issue's figure: what the NF4 base costs per step)
     "qlora": (_qlora, "lora"),
     "full": (_full, None),

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import peftkit
 from peftkit.core import dense_weight
 from peftkit.methods import method_for_dict
-from peftkit.methods.dora import DoraLayer, _DoraDropoutFn, _DoraFn, row_norms
+from peftkit.methods.dora import DoraLayer, _DoraDropoutFn, _DoraFn, _DoraLinearFn, row_norms
 from peftkit.methods.lora import LoraLayer
 
 D64 = torch.float64
@@ -40,13 +40,21 @@ BASES = {
 
 
 def make(
-    kind: str, *, dropout: float = 0.0, seed: int = 0, dtype: torch.dtype = D64, dead: bool = False
+    kind: str,
+    *,
+    dropout: float = 0.0,
+    seed: int = 0,
+    dtype: torch.dtype = D64,
+    dead: bool = False,
+    path: str = "folded",
 ) -> DoraLayer:
-    """A DoRA layer with non-trivial A, B and m (m ≠ ‖W + sBA‖)."""
+    """A DoRA layer with non-trivial A, B and m (m ≠ ‖W + sBA‖). ``path="general"`` turns
+    off the folded-scale function (``_DoraLinearFn``), which the default inputs would take."""
     torch.manual_seed(seed)
     layer = DoraLayer(
         BASES[kind]().to(dtype).requires_grad_(False), r=3, alpha=6.0, scaling=2.0, dropout=dropout
     )
+    layer.fold_scale = path == "folded"  # type: ignore[misc]
     with torch.no_grad():
         for p in (layer.lora_A, layer.lora_B):
             p.normal_(0, 0.3)
@@ -103,10 +111,21 @@ def test_factored_norm_equals_dense(kind: str) -> None:
     torch.testing.assert_close(got.double(), ref.detach(), rtol=1e-2, atol=0)
 
 
-@pytest.mark.parametrize("kind", list(BASES))
-def test_forward_and_gradients_equal_the_dense_formula(kind: str) -> None:
-    layer = make(kind)
+# (kind, path): both autograd paths for the dense bases; an embedding has one
+KIND_PATHS = [(k, p) for k in BASES for p in ("folded", "general") if k != "embedding"] + [
+    ("embedding", "general")
+]
+
+
+def check_path(layer: DoraLayer, x: Tensor, path: str) -> None:
+    assert layer._fused_ok(x) == (path == "folded")
+
+
+@pytest.mark.parametrize(("kind", "path"), KIND_PATHS)
+def test_forward_and_gradients_equal_the_dense_formula(kind: str, path: str) -> None:
+    layer = make(kind, path=path)
     x = inputs(kind)
+    check_path(layer, x, path)
     y, ref = layer(x), dense_reference(layer, x)
     torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
     dy = torch.randn_like(y)
@@ -116,10 +135,11 @@ def test_forward_and_gradients_equal_the_dense_formula(kind: str) -> None:
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("path", ["folded", "general"])
 @pytest.mark.parametrize("frozen", ["lora_A", "lora_B", "lora_magnitude_vector", "x"])
-def test_gradients_with_parts_frozen_equal_the_dense_formula(frozen: str) -> None:
+def test_gradients_with_parts_frozen_equal_the_dense_formula(frozen: str, path: str) -> None:
     # backward skips what needs no gradient (h is recomputed only for ∂B and dead rows)
-    layer = make("linear", dead=frozen == "lora_B")
+    layer = make("linear", dead=frozen == "lora_B", path=path)
     x = inputs("linear")
     if frozen == "x":
         x.requires_grad_(False)
@@ -134,11 +154,12 @@ def test_gradients_with_parts_frozen_equal_the_dense_formula(frozen: str) -> Non
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
-def test_dead_rows_get_the_exact_magnitude_gradient(kind: str) -> None:
+@pytest.mark.parametrize(("kind", "path"), [kp for kp in KIND_PATHS if kp[0] != "linear-nobias"])
+def test_dead_rows_get_the_exact_magnitude_gradient(kind: str, path: str) -> None:
     # m = 0 erases z from y; those rows recompute it instead of dividing by m
-    layer = make(kind, dead=True)
+    layer = make(kind, dead=True, path=path)
     x = inputs(kind)
+    check_path(layer, x, path)
     y, ref = layer(x), dense_reference(layer, x)
     dy = torch.randn_like(y)
     got = torch.autograd.grad(y, trainables(layer, x), dy)
@@ -203,10 +224,38 @@ def test_gradcheck_of_the_autograd_functions() -> None:
     )
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gradcheck_of_the_folded_function(with_bias: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+
+    def r(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=D64).requires_grad_(True)
+
+    x, a, b, m, bias = r(2, 3, 4), r(2, 4), r(5, 2), r(5), r(5)
+    w = torch.randn(5, 4, generator=g, dtype=D64)
+    norm = torch.rand(5, generator=g, dtype=D64) + 0.5
+
+    def rows(x: Tensor, idx: Tensor) -> Tensor:  # columns idx of x Wᵀ, (T, k)
+        return F.linear(x.reshape(-1, 4), w[idx])
+
+    def fn(x: Tensor, a: Tensor, b: Tensor, m: Tensor, bias: Tensor) -> Tensor:
+        c = bias if with_bias else None
+        return _DoraLinearFn.apply(x, w, c, a, b, m, norm, 1.5, rows)  # type: ignore[no-any-return]
+
+    assert torch.autograd.gradcheck(fn, (x, a, b, m, bias))
+    with torch.no_grad():
+        m[1] = 0.0  # a dead row: the recompute branch
+    assert torch.autograd.gradcheck(fn, (x, a, b, m, bias))
+
+
 class ShapeLog(TorchDispatchMode):
+    """Records the shape of every new tensor an op makes; ``dense`` keeps the (10, 12) or
+    (12, 10) ones (the layers' W shape) with the op that made them."""
+
     def __init__(self) -> None:
         super().__init__()
         self.shapes: list[tuple[int, ...]] = []
+        self.dense: list[tuple[str, Tensor]] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -218,6 +267,8 @@ class ShapeLog(TorchDispatchMode):
         for t in out if isinstance(out, (tuple, list)) else [out]:
             if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in given:
                 self.shapes.append(tuple(t.shape))  # a new tensor, not a view
+                if tuple(t.shape) in ((10, 12), (12, 10)):
+                    self.dense.append((str(func), t.detach().clone()))
         return out
 
 
@@ -238,29 +289,41 @@ def saved_storages(run: Any, owned: set[int]) -> dict[int, int]:
     return saved
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding"])
-def test_training_never_forms_a_dense_matrix_and_saves_only_x_y(kind: str) -> None:
-    layer = make(kind, dtype=torch.float32)
+@pytest.mark.parametrize(("kind", "path"), [kp for kp in KIND_PATHS if kp[0] != "linear-nobias"])
+def test_training_never_forms_ba_and_saves_only_x_y(kind: str, path: str) -> None:
+    layer = make(kind, dtype=torch.float32, path=path)
     x = inputs(kind, torch.float32)
+    check_path(layer, x, path)
     layer(x).sum().backward()  # the first forward fills the ‖W‖² cache
     layer.zero_grad()
     owned = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     with ShapeLog() as log:
         saved = saved_storages(lambda: layer(x), owned)
-    assert (10, 12) not in log.shapes and (12, 10) not in log.shapes
-    # x (shared with the LoRA branch), y and the norm vector; h = x Aᵀ is recomputed, except
-    # for an embedding, whose gathered h (T, r) is saved
-    h = x.numel() * 3 if kind == "embedding" else 0
+    w = dense_weight(layer.base)
+    if path == "general":
+        assert not log.dense
+    else:
+        # g⊙W, once in each direction, and nothing else W-sized: each row a multiple of W's,
+        # so no BA in it
+        assert [op for op, _ in log.dense] == ["aten.mul.Tensor"] * 2
+        for _, t in log.dense:
+            ratio = t / w
+            torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio))
+            assert not torch.allclose(ratio, torch.ones_like(ratio))  # g ≠ 1: a real scaling
+    # x (shared with the LoRA branch), y and the norm vector. h = x Aᵀ (T, r) is recomputed by
+    # the general path and kept by the folded one; an embedding's gathered h is saved too.
+    kept_h = kind == "embedding" or path == "folded"
     assert sorted(saved.values()) == sorted(
-        [x.numel() * x.element_size(), 14 * 10 * 4, 10 * 4] + ([h * 4] if h else [])
+        [x.numel() * x.element_size(), 14 * 10 * 4, 10 * 4] + ([14 * 3 * 4] if kept_h else [])
     )
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("shape", [(2, 7, 12, 10, 3), (4, 33, 8, 24, 16), (1, 5, 40, 6, 2)])
 def test_saves_no_more_than_lora_plus_one_output(kind: str, shape: tuple[int, ...]) -> None:
-    # Whatever the sizes: DoRA saves LoRA's activations (x and h) less h, plus y and the norms,
-    # so at most LoRA's bytes plus one output-sized tensor and an (out,) vector
+    # Whatever the sizes: DoRA saves LoRA's activations (x and h; the general path recomputes
+    # h), plus y and the norms: at most LoRA's bytes plus one output-sized tensor and an (out,)
+    # vector. The first two shapes take the folded path, the third (5 tokens, in 40) does not.
     n, t, d_in, d_out, r = shape
     torch.manual_seed(0)
     base = nn.Linear(d_in, d_out) if kind == "linear" else conv1d(d_in, d_out)
@@ -276,7 +339,10 @@ def test_saves_no_more_than_lora_plus_one_output(kind: str, shape: tuple[int, ..
     dora_saved = saved_storages(lambda: dora(x), owned)
     y_bytes, h_bytes = n * t * d_out * 4, n * t * r * 4
     assert sum(lora_saved.values()) == n * t * d_in * 4 + h_bytes
-    assert sum(dora_saved.values()) == sum(lora_saved.values()) - h_bytes + y_bytes + d_out * 4
+    folded = dora._fused_ok(x)
+    assert folded == (t > 5)
+    recomputed = 0 if folded else h_bytes
+    assert sum(dora_saved.values()) == sum(lora_saved.values()) - recomputed + y_bytes + d_out * 4
     assert sum(dora_saved.values()) <= sum(lora_saved.values()) + y_bytes + d_out * 4
     # y is the very tensor returned: an op after the layer that saves its input (SiLU here)
     # shares its storage, so the layer's y costs nothing extra there
