@@ -40,6 +40,7 @@ z = D(x)Wᵀ + s·D(x)AᵀBᵀ (y is not z there).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -77,6 +78,22 @@ def row_norms(
 def _safe(norm: Tensor) -> Tensor:
     # Note: a dead row (W + sBA = 0, so m = 0 at init) gives 0/0 in PEFT; here g = 0 there.
     return norm.clamp_min(torch.finfo(norm.dtype).tiny)
+
+
+def _magnitude_grad(
+    num: Tensor, m: Tensor, norm: Tensor, dy: Tensor, dead_z: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``∂L/∂m = num / m`` with ``num = Σ_T ∂L/∂y ⊙ g z`` (fp32/fp64). Where m = 0, y holds no
+    z: those rows get ``Σ_T ∂L/∂y ⊙ z / n`` with their z recomputed by ``dead_z(idx)`` (T, k).
+    One synchronising check (``m.all()``) decides."""
+    c = norm.dtype
+    if bool(m.all()):
+        return (num / m.to(c)).to(m.dtype)
+    dead = m == 0
+    d_m = num / torch.where(dead, torch.ones_like(m), m).to(c)
+    idx = dead.nonzero().squeeze(1)
+    d_m[idx] = (dy[:, idx] * dead_z(idx)).sum(0, dtype=c) / norm[idx]
+    return d_m.to(m.dtype)
 
 
 def _lora_grads(
@@ -167,17 +184,13 @@ class _DoraFn(torch.autograd.Function):
             y2 = y.reshape(-1, o)
             yz = y2 - bias.to(dt) if bias is not None else y2  # = g ⊙ z
             num = (dy2 * yz).sum(0, dtype=norm.dtype)  # Σ_T ∂L/∂y ⊙ g z, (out,)
-            dead = m == 0
-            d_m = num / torch.where(dead, torch.ones_like(m), m).to(norm.dtype)
-            # Note: y holds no z where m = 0 (a synchronising check; only such rows recompute z).
-            if bool(dead.any()):
-                idx = dead.nonzero().squeeze(1)
-                if h2 is None:
-                    assert a is not None
-                    h2 = torch.mm(x.reshape(-1, x.shape[-1]), a.t()).to(dt)  # (T, r)
-                z = ctx.rows(x, idx).to(dt) + torch.mm(h2, lora_b[idx].t().to(dt)) * s  # (T, k)
-                d_m[idx] = (dy2[:, idx] * z).sum(0, dtype=norm.dtype) / norm[idx]
-            d_m = d_m.to(m.dtype)
+
+            def dead_z(idx: Tensor) -> Tensor:
+                hh = h2 if h2 is not None else torch.mm(x.reshape(-1, x.shape[-1]), a.t()).to(dt)
+                z: Tensor = ctx.rows(x, idx).to(dt) + torch.mm(hh, lora_b[idx].t().to(dt)) * s
+                return z  # (T, k)
+
+            d_m = _magnitude_grad(num, m, norm, dy2, dead_z)
         d_out = gy.view(dy.shape) if n_out else None
         return d_out, d_x, d_a, d_h, d_b, d_m, None, None, None, None
 
@@ -237,21 +250,13 @@ class _DoraLinearFn(torch.autograd.Function):
         if n_m:
             y2 = y.reshape(-1, y.shape[-1])
             c = norm.dtype
-            if dt == c:
-                num = torch.linalg.vecdot(dy2, y2, dim=0)  # Σ_T ∂L/∂y ⊙ y, (out,)
-            else:
-                num = (dy2 * y2).sum(0, dtype=c)
+            num = (dy2 * y2).sum(0, dtype=c)  # Σ_T ∂L/∂y ⊙ y, (out,)
             if bias is not None:
                 assert d_bias is not None
                 num = num - bias.to(c) * d_bias.to(c)  # y − b = g ⊙ z
-            dead = m == 0
-            d_m = num / torch.where(dead, torch.ones_like(m), m).to(c)
-            # Note: y holds no z where m = 0 (a synchronising check; only such rows recompute z).
-            if bool(dead.any()):
-                idx = dead.nonzero().squeeze(1)
-                z = ctx.rows(x, idx).to(dt) + torch.mm(h, lora_b[idx].t()) * s  # (T, k)
-                d_m[idx] = (dy2[:, idx] * z).sum(0, dtype=c) / norm[idx]
-            d_m = d_m.to(m.dtype)
+            d_m = _magnitude_grad(
+                num, m, norm, dy2, lambda i: ctx.rows(x, i).to(dt) + torch.mm(h, lora_b[i].t()) * s
+            )
         return d_x, None, d_bias if n_bias else None, d_a, d_b, d_m, None, None, None
 
 
