@@ -83,6 +83,28 @@ def _dora_unfused(model: nn.Module) -> nn.Module:
     return model
 
 
+def _dora_m_frozen(model: nn.Module) -> nn.Module:
+    """Diagnostic: DoRA with the magnitudes frozen, so backward skips the ∂m pass over y."""
+    model = _ours(_dora_config)(model)
+    for name, p in model.named_parameters():
+        if "lora_magnitude_vector" in name:
+            p.requires_grad_(False)
+    return model
+
+
+def _dora_fixed_norm(model: nn.Module) -> nn.Module:
+    """Diagnostic (not DoRA: the norms go stale): ‖W + sBA‖ computed once, not every forward."""
+    model = _ours(_dora_config)(model)
+    for _, layer in peftkit.adapters(model):
+        norm = layer.weight_norm()
+        layer.weight_norm = lambda n=norm: n
+    return model
+
+
+def _dora_config() -> peftkit.LoraConfig:
+    return peftkit.LoraConfig(r=16, lora_alpha=32, target_modules=W1_TARGETS, use_dora=True)
+
+
 def _qlora(model: nn.Module) -> nn.Module:
     """QLoRA: every linear but the output head held in NF4 (double quantization), then LoRA."""
     peftkit.quantize_(model)
@@ -144,6 +166,9 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], str | None]] = {
         target_modules=W1_TARGETS)), None),
     "lora-two-gemm": (_lora_two_gemm, "lora"),
     "dora-unfused": (_dora_unfused, "dora"),
+    # what DoRA's two necessary extras over LoRA cost: the ∂m pass and the per-step norms
+    "dora-m-frozen": (_dora_m_frozen, "dora"),
+    "dora-fixed-norm": (_dora_fixed_norm, "dora"),
     # QLoRA against the dense LoRA step (the issue's figure: what the NF4 base costs per step)
     "qlora": (_qlora, "lora"),
     "full": (_full, None),
