@@ -352,6 +352,68 @@ def test_two_processes_restore_their_own_generators_and_a_failed_write_stops_bot
     assert [s for s, _ in checkpoints(tmp_path)] == [1]
 
 
+_EVAL_BUILD = """
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from peftkit import train as T
+
+
+def build(task):
+    torch.manual_seed(0)
+    if task == T.CAUSAL_LM:
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=4))
+    else:
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=4, num_labels=3))
+    g = torch.Generator().manual_seed(1)
+    rows, labels = [], []
+    for _ in range(37):  # not a multiple of the batch size times the world size
+        n = int(torch.randint(2, 13, (1,), generator=g))
+        rows.append(tuple(torch.randint(1, 128, (n,), generator=g).tolist()))
+        labels.append(int(torch.randint(0, 3, (1,), generator=g)))
+    enc = T.Encoded(ids=tuple(rows), labels=tuple(labels) if task == T.CLASSIFY else None, pad_id=0)
+    return model, enc
+"""
+
+_EVAL_WORKER = _EVAL_BUILD + """
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+for task in (T.CAUSAL_LM, T.CLASSIFY):
+    model, enc = build(task)
+    rows = []
+    model.register_forward_pre_hook(
+        lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    value = T.evaluate(model, enc, task=task, batch_size=4, show_progress=False, distributed=True)
+    print(f"{task} {value!r} {sum(rows)}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_evaluation_and_agree_with_one() -> None:
+    codes, outs = _two_ranks(_EVAL_WORKER)
+    assert codes == [0, 0], outs
+    scope: dict[str, Any] = {}
+    exec(_EVAL_BUILD, scope)
+    for task in (T.CAUSAL_LM, T.CLASSIFY):
+        model, enc = scope["build"](task)
+        one = T.evaluate(model, enc, task=task, batch_size=4, show_progress=False)
+        lines = [line.split() for out in outs for line in out.splitlines()
+                 if line.startswith(f"{task} ")]  # fmt: skip
+        got, seen = [float(v) for _, v, _ in lines], [int(n) for _, _, n in lines]
+        assert len(got) == 2 and got[0] == got[1]  # both ranks return the whole set's value
+        assert sum(seen) == 37 and max(seen) - min(seen) <= 4  # each row once, shares even
+        assert got[0] == pytest.approx(one, rel=1e-12)
+    with pytest.raises(ValueError, match="init_process_group"):
+        T.evaluate(model, enc, task=task, distributed=True)
+
+
 _FSDP_WORKER = """
 import os
 import sys

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import re
 import shutil
@@ -501,8 +500,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            # Note: rank 0 evaluates alone before and after training; the others wait for it
-            # in a collective, so the default 30-minute timeout is too short for a big eval set.
+            # Note: checkpoint writes and the ranks' uneven shares of an evaluation make some
+            # ranks wait in a collective; the default 30-minute timeout is cut too fine.
             dist.init_process_group(backend="gloo", timeout=datetime.timedelta(hours=6))
         if rank != 0:  # rank 0 speaks for the run
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
@@ -569,11 +568,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         for g in optimizer.param_groups:
             g["lr"] *= args.lr / old_lr  # keeps LoRA+'s ratio; a no-op for the same --lr
         print(f"resumed    from {resume[0]} (step {start_step} of {args.steps})")
-    if before is None:  # rank 0 alone evaluates (the others wait for it in DDP's first sync)
-        before = (
-            T.evaluate(model, test_enc, task=task, batch_size=args.eval_batch_size)
-            if rank == 0
-            else math.nan
+    if before is None:  # every rank scores its share of the batches
+        before = T.evaluate(
+            model, test_enc, task=task, batch_size=args.eval_batch_size, distributed=world > 1
         )
     print(f"{metric} before training: {before:.4f}")
     sys.stdout.flush()
@@ -621,10 +618,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except T.TrainingDiverged as e:
         advice = _after_divergence(e, ckpt_root, rank)
         raise CliError(f"{e}. The adapter was not written; {advice}") from None
-    if rank == 0:
-        after = T.evaluate(model, test_enc, task=task, batch_size=args.eval_batch_size, desc="eval")
-    else:
-        after = math.nan
+    after = T.evaluate(
+        model, test_enc, task=task, batch_size=args.eval_batch_size, distributed=world > 1
+    )
     window = fit.losses
     first = sum(window[:10]) / len(window[:10])
     last = sum(window[-10:]) / len(window[-10:])

@@ -531,18 +531,29 @@ def evaluate(
     batch_size: int = 128,
     show_progress: bool = True,
     desc: str = "eval",
+    distributed: bool = False,
 ) -> float:
     """Accuracy (classification) or token-weighted perplexity (causal LM) in eval mode.
 
     Rows are batched in order of length, which changes no result (each row is masked on its own)
-    and saves most of the padding."""
+    and saves most of the padding. ``distributed=True``: every rank of the initialised process
+    group calls this with the same model and data; rank k scores batches k, k + world, … and the
+    counts are summed across ranks, so each rank returns what one process would (perplexity up
+    to summation order)."""
+    rank, world = dist_rank_world() if distributed else (0, 1)
+    if distributed and not torch.distributed.is_initialized():
+        raise ValueError(
+            "evaluate(distributed=True) needs an initialised torch.distributed process group; "
+            "call it from every rank after init_process_group, or pass distributed=False"
+        )
     was_training = model.training
     model.eval()
     order = sorted(range(len(enc)), key=lambda i: len(enc.ids[i]))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = chunks[rank::world]  # sorted by length, so the ranks' shares cost about the same
     correct = 0
     nll, tokens = 0.0, 0
-    with progress(len(order), desc, "ex", show_progress) as bar:
+    with progress(sum(map(len, chunks)), desc, "ex", show_progress and rank == 0) as bar:
         for index in chunks:
             batch = collate(enc, index, task)
             labels = batch.pop("labels")
@@ -556,6 +567,11 @@ def evaluate(
                 correct += int((logits.argmax(dim=-1) == labels).sum())  # (B, K) -> (B,)
             bar.update(len(index))
     model.train(was_training)
+    if world > 1:
+        # Note: float64 carries the integer counts exactly (below 2⁵³).
+        sums = torch.tensor([correct, nll, tokens], dtype=torch.float64)
+        torch.distributed.all_reduce(sums)
+        correct, nll, tokens = int(sums[0]), float(sums[1]), int(sums[2])
     if task == CAUSAL_LM:
         return math.exp(nll / tokens) if tokens else math.nan
     return correct / len(enc)
