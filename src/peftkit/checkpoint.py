@@ -102,12 +102,13 @@ def _like(t: Tensor, live: Tensor) -> Tensor:
         return t
     from torch.distributed.tensor import distribute_tensor
 
-    return distribute_tensor(t.to(live.device), mesh, live.placements)
+    placements = live.placements  # type: ignore[attr-defined]  # live is a DTensor
+    return distribute_tensor(t.to(live.device), mesh, placements)
 
 
 def _rng_state() -> dict[str, Tensor]:
     out = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             out[f"cuda{i}"] = s
     return out

@@ -385,7 +385,8 @@ def _fingerprint(args: argparse.Namespace, model_path: Path) -> dict[str, Any]:
         if d[k] is not None:
             d[f"{k}_sha256"] = digest(Path(d[k]))
             d[k] = str(Path(d[k]).resolve())
-    return json.loads(json.dumps(d))  # tuples -> lists, as they come back from the file
+    out: dict[str, Any] = json.loads(json.dumps(d))  # tuples -> lists, as from the file
+    return out
 
 
 def _resume_point(args: argparse.Namespace, model_path: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -437,7 +437,7 @@ def accumulate_gradients(
         ctx = no_sync() if callable(no_sync) and k < grad_accum - 1 else contextlib.nullcontext()
         with ctx:
             loss = loss_sum(model, batch, task) / total
-            (loss * world).backward()
+            (loss * world).backward()  # type: ignore[no-untyped-call]
         value += loss.detach().double().cpu()
     if world > 1:
         torch.distributed.all_reduce(value)

@@ -13,7 +13,7 @@ from ..core import get_state
 from ..hooks import attach, load_hook_state, save_hook_state
 
 
-class PeftkitCallback(TrainerCallback):  # type: ignore[misc]
+class PeftkitCallback(TrainerCallback):
     """``Trainer(..., callbacks=[PeftkitCallback()])``: runs the adapter's training hooks
     (AdaLoRA budget, DyLoRA rank draw, Delta-LoRA, …) once per real optimizer step.
 
