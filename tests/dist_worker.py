@@ -1,7 +1,7 @@
 """Worker for tests/test_distributed.py, launched by torchrun (gloo backend, CPU, float64):
 
     python -m torch.distributed.run --nproc_per_node 2 --master_port PORT \
-        tests/dist_worker.py --engine {ddp,fsdp2} --method {lora,dylora} --out DIR
+        tests/dist_worker.py --engine {ddp,fsdp2} --method {lora,dylora,dora} --out DIR
 
 Every rank builds the same tiny Llama (seeded, float64, dropout off), adapts it, wraps it in
 DistributedDataParallel or FSDP2 (``fully_shard`` on each decoder layer, then the root; ``adapt``
@@ -36,7 +36,7 @@ from peftkit.core import get_state, unwrap
 
 STEPS = 3
 GLOBAL_BATCH = 4
-SEQ = 8
+SEQ = 24  # 48 tokens per rank: DoRA takes its folded path on every target
 VOCAB = 128
 LR = 1e-2
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -68,7 +68,11 @@ def config(method: str) -> peftkit.AdapterConfig:
         return peftkit.DyLoraConfig(
             r=4, lora_alpha=8, lora_dropout=0.0, seed=3, target_modules=TARGETS
         )
-    raise ValueError(f"unknown method {method!r}; use lora or dylora")
+    if method == "dora":
+        return peftkit.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, use_dora=True, target_modules=TARGETS
+        )
+    raise ValueError(f"unknown method {method!r}; use lora, dylora or dora")
 
 
 def adapted(method: str) -> nn.Module:
@@ -115,7 +119,7 @@ def train(model: nn.Module, method: str, batches: torch.Tensor) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--engine", choices=["ddp", "fsdp2"], required=True)
-    ap.add_argument("--method", choices=["lora", "dylora"], required=True)
+    ap.add_argument("--method", choices=["lora", "dylora", "dora"], required=True)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)

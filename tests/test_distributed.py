@@ -3,7 +3,7 @@
 Each case launches ``tests/dist_worker.py`` under torchrun:
 
     python -m torch.distributed.run --nproc_per_node 2 --master_port PORT \
-        tests/dist_worker.py --engine {ddp,fsdp2} --method {lora,dylora} --out DIR
+        tests/dist_worker.py --engine {ddp,fsdp2} --method {lora,dylora,dora} --out DIR
 
 and checks that the adapter after 3 AdamW steps on 2 processes (each on half of the global batch)
 equals one process trained on the whole batch, to ≤ 1e-10 (float64: only the all-reduce's summation
@@ -84,7 +84,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("engine", "method"),
-    [("ddp", "lora"), ("ddp", "dylora"), ("fsdp2", "lora"), ("fsdp2", "dylora")],
+    [(e, m) for e in ("ddp", "fsdp2") for m in ("lora", "dylora", "dora")],
 )
 def test_distributed_equals_single_process(tmp_path: Path, engine: str, method: str) -> None:
     doc = launch(engine, method, tmp_path)
