@@ -350,6 +350,41 @@ def test_saves_no_more_than_lora_plus_one_output(kind: str, shape: tuple[int, ..
     assert sum(both.values()) == sum(dora_saved.values())
 
 
+@pytest.mark.parametrize("path", ["folded", "general"])
+def test_a_trained_bias_gets_its_whole_gradient(path: str) -> None:
+    # y = g ⊙ (W + sBA) x + b: ∂L/∂b = Σ ∂L/∂y on either path
+    layer = make("linear", path=path)
+    layer.base.bias.requires_grad_(True)
+    x = inputs("linear")
+    check_path(layer, x, path)
+    y, ref = layer(x), dense_reference(layer, x)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [layer.base.bias], dy)[0]
+    want = torch.autograd.grad(ref, [layer.base.bias], dy)[0]
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(got, dy.sum((0, 1)), atol=1e-12, rtol=1e-10)
+
+
+def test_the_folded_path_steps_aside_for_hooks_and_cpu_autocast() -> None:
+    layer = make("linear", dtype=torch.float32)
+    x = inputs("linear", torch.float32)
+    assert layer._fused_ok(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer._fused_ok(x)
+        assert layer(x).dtype == torch.bfloat16  # the general path runs under autocast
+    calls: list[str] = []
+    h = layer.base.register_full_backward_hook(lambda *a: calls.append("backward"))
+    assert not layer._fused_ok(x)
+    layer(x).sum().backward()
+    h.remove()
+    h = nn.modules.module.register_module_forward_hook(lambda *a: calls.append("global"))
+    try:
+        assert not layer._fused_ok(x)
+    finally:
+        h.remove()
+    assert layer._fused_ok(x) and calls[0] == "backward"
+
+
 def test_weight_cache_follows_the_base_weight() -> None:
     layer = make("linear")
     x = inputs("linear")

@@ -94,6 +94,14 @@ def test_used_only_where_safe(monkeypatch: pytest.MonkeyPatch) -> None:
     handle = layer.base.register_forward_pre_hook(lambda m, a: None)
     assert not _uses_merged(model, many, monkeypatch)  # a hook on the base must still run
     handle.remove()
+    handle = layer.base.register_full_backward_hook(lambda *a: None)
+    assert not _uses_merged(model, many, monkeypatch)  # so must a backward hook
+    handle.remove()
+    handle = nn.modules.module.register_module_forward_hook(lambda *a: None)
+    assert not _uses_merged(model, many, monkeypatch)  # and a global one
+    handle.remove()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _uses_merged(model, many, monkeypatch)  # CPU autocast picks its own dtypes
     layer.base.weight.requires_grad_(True)
     assert not _uses_merged(model, many, monkeypatch)  # W trains: it needs its own gradient
     layer.base.weight.requires_grad_(False)

@@ -4,6 +4,7 @@ after a real SIGKILL), damaged checkpoints detected, the NaN guard, ``peftkit tr
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -391,6 +392,15 @@ for task in (T.CAUSAL_LM, T.CLASSIFY):
     )
     value = T.evaluate(model, enc, task=task, batch_size=4, show_progress=False, distributed=True)
     print(f"{task} {value!r} {sum(rows)}", flush=True)
+# A DDP-wrapped model syncs its buffers in every forward: with 5 batches (3 and 2) and with one row
+# (one rank has no batch), the short rank must still run as many forwards as the other.
+model, enc = build(T.CAUSAL_LM)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+for n, bs in ((37, 8), (1, 8)):
+    part = T.Encoded(ids=enc.ids[:n], labels=None, pad_id=0)
+    value = T.evaluate(ddp, part, task=T.CAUSAL_LM, batch_size=bs, show_progress=False,
+                       distributed=True)
+    print(f"ddp{n} {value!r}", flush=True)
 dist.destroy_process_group()
 """
 
@@ -410,8 +420,16 @@ def test_two_processes_split_the_evaluation_and_agree_with_one() -> None:
         assert len(got) == 2 and got[0] == got[1]  # both ranks return the whole set's value
         assert sum(seen) == 37 and max(seen) - min(seen) <= 4  # each row once, shares even
         assert got[0] == pytest.approx(one, rel=1e-12)
+    model, enc = scope["build"](T.CAUSAL_LM)
+    for n, bs in ((37, 8), (1, 8)):
+        part = T.Encoded(ids=enc.ids[:n], labels=None, pad_id=0)
+        one = T.evaluate(model, part, task=T.CAUSAL_LM, batch_size=bs, show_progress=False)
+        got = [float(line.split()[1]) for out in outs for line in out.splitlines()
+               if line.startswith(f"ddp{n} ")]  # fmt: skip
+        assert len(got) == 2 and got[0] == got[1] and got[0] == pytest.approx(one, rel=1e-12)
     with pytest.raises(ValueError, match="init_process_group"):
-        T.evaluate(model, enc, task=task, distributed=True)
+        T.evaluate(model, enc, task=T.CAUSAL_LM, distributed=True)
+    assert math.isnan(T.evaluate(model, T.Encoded((), None, 0), task=T.CAUSAL_LM))
 
 
 _FSDP_WORKER = """

@@ -26,6 +26,23 @@ if TYPE_CHECKING:
 LINEAR, CONV1D, EMBEDDING, NF4 = "linear", "conv1d", "embedding", "nf4"
 
 
+def bypassable(base: nn.Module) -> bool:
+    """Whether a fused adapter path may compute ``base``'s output itself instead of calling it:
+    nothing hooks the base (its own forward/backward hooks, the global module hooks) and nothing
+    replaced its ``forward`` (FSDP's unshard, accelerate's offload, user hooks)."""
+    m = nn.modules.module
+    own = (base._forward_hooks, base._forward_pre_hooks, base._backward_hooks)
+    everyone = (
+        m._global_forward_hooks,
+        m._global_forward_pre_hooks,
+        m._global_backward_hooks,
+        m._global_backward_pre_hooks,
+    )
+    return not any(own) and not base._backward_pre_hooks and not any(everyone) and (
+        "forward" not in vars(base)
+    )
+
+
 def layer_kind(module: nn.Module) -> str | None:
     """Which of the wrappable layer kinds ``module`` is, or None."""
     if isinstance(module, nn.Linear):

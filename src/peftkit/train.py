@@ -546,18 +546,26 @@ def evaluate(
             "evaluate(distributed=True) needs an initialised torch.distributed process group; "
             "call it from every rank after init_process_group, or pass distributed=False"
         )
+    if len(enc) == 0:
+        return math.nan  # every rank alike: no collective runs
     was_training = model.training
     model.eval()
     order = sorted(range(len(enc)), key=lambda i: len(enc.ids[i]))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    chunks = chunks[rank::world]  # sorted by length, so the ranks' shares cost about the same
+    mine = chunks[rank::world]  # sorted by length, so the ranks' shares cost about the same
+    # Note: every rank runs the same number of forwards (a short rank repeats batch 0 and does not
+    # count it), so a model that communicates in forward (DDP, FSDP2) never waits on a peer.
+    spare = -(-len(chunks) // world) - len(mine)
+    calls = [(i, True) for i in mine] + [(chunks[0], False)] * spare
     correct = 0
     nll, tokens = 0.0, 0
-    with progress(sum(map(len, chunks)), desc, "ex", show_progress and rank == 0) as bar:
-        for index in chunks:
+    with progress(sum(map(len, mine)), desc, "ex", show_progress and rank == 0) as bar:
+        for index, counted in calls:
             batch = collate(enc, index, task)
             labels = batch.pop("labels")
             logits = model(**batch).logits
+            if not counted:
+                continue
             if task == CAUSAL_LM:
                 target = labels[:, 1:]  # (B, T-1): token t+1 is predicted at position t
                 flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B·(T-1), V)
@@ -569,7 +577,9 @@ def evaluate(
     model.train(was_training)
     if world > 1:
         # Note: float64 carries the integer counts exactly (below 2⁵³).
-        sums = torch.tensor([correct, nll, tokens], dtype=torch.float64)
+        nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+        sums = torch.tensor([correct, nll, tokens], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(sums)
         correct, nll, tokens = int(sums[0]), float(sums[1]), int(sums[2])
     if task == CAUSAL_LM:

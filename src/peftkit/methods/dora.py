@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..core import CONV1D, EMBEDDING, LINEAR, NF4, dense_weight
+from ..core import CONV1D, EMBEDDING, LINEAR, NF4, bypassable, dense_weight
 from .lora import LoraConfig, LoraLayer, layer_kwargs
 from .registry import LayerSpec, Method
 
@@ -192,7 +192,11 @@ class _DoraFn(torch.autograd.Function):
 
             d_m = _magnitude_grad(num, m, norm, dy2, dead_z)
         d_out = gy.view(dy.shape) if n_out else None
-        return d_out, d_x, d_a, d_h, d_b, d_m, None, None, None, None
+        d_bias = None
+        if ctx.needs_input_grad[7]:  # a trained bias: its (1 − g)⊙b term; base(x) carries g⊙b
+            assert bias is not None
+            d_bias = (dy2.sum(0) * (1 - g)).to(bias.dtype)
+        return d_out, d_x, d_a, d_h, d_b, d_m, None, d_bias, None, None
 
 
 class _DoraLinearFn(torch.autograd.Function):
@@ -383,16 +387,13 @@ class DoraLayer(LoraLayer):
             return False
         w, a = base.weight, self.lora_A
         tokens = x.numel() // max(x.shape[-1], 1)
-        # Note: the base's forward is bypassed, so anything that hooks it (FSDP's unshard,
-        # accelerate's offload, which replaces .forward, user hooks) keeps the general path.
-        hooked = bool(base._forward_hooks or base._forward_pre_hooks) or "forward" in vars(base)
         return (
-            not hooked
+            bypassable(base)
             and type(w) is nn.Parameter
             and not w.requires_grad
             and (not self.training or isinstance(self.dropout, nn.Identity))
             and x.dtype == w.dtype == a.dtype
-            and not torch.is_autocast_enabled()
+            and not torch.is_autocast_enabled(x.device.type)
             and 3 * tokens >= 2 * self.in_features
         )
 

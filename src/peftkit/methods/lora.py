@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
-from ..core import EMBEDDING, Adapter, base_device, base_dtype
+from ..core import EMBEDDING, Adapter, base_device, base_dtype, bypassable
 from .registry import LayerSpec, Method
 
 # PEFT LoraConfig keys peftkit does not implement, with the value that means "off".
@@ -202,16 +202,13 @@ class LoraLayer(Adapter):
             return False
         w, a = base.weight, self.lora_A
         tokens = x.numel() // max(x.shape[-1], 1)
-        # Note: the base's forward is bypassed, so anything that hooks it (FSDP's unshard,
-        # accelerate's offload, which replaces .forward, user hooks) keeps the two-GEMM path.
-        hooked = bool(base._forward_hooks or base._forward_pre_hooks) or "forward" in vars(base)
         return (
-            not hooked
+            bypassable(base)
             and type(w) is nn.Parameter
             and not w.requires_grad
             and isinstance(self.dropout, nn.Identity)
             and x.dtype == w.dtype == a.dtype
-            and not torch.is_autocast_enabled()
+            and not torch.is_autocast_enabled(x.device.type)
             and tokens * (self.in_features + self.out_features)
             >= self.in_features * self.out_features
         )
