@@ -115,6 +115,50 @@ def interleaved(
     return times
 
 
+def select_variants(
+    ap: Any, requested: list[str], variants: dict[str, tuple[Any, str | None]]
+) -> list[str]:
+    """The floor, then the requested variants (all if none), then any peer they compare with;
+    an unknown name ends the run through ``ap.error``."""
+    names = requested or list(variants)
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(variants)}")
+    names = ["floor"] + [n for n in names if n != "floor"]
+    for n in list(names):
+        peer = variants[n][1]
+        if peer is not None and peer not in names:
+            names.append(peer)
+    return names
+
+
+def print_report(
+    title: str,
+    names: list[str],
+    variants: dict[str, tuple[Any, str | None]],
+    times: dict[str, list[float]],
+    saved: dict[str, int],
+    peer_header: str,
+) -> None:
+    """The markdown table: step / floor, step / peer, saved activations above the floor."""
+    floor = ratio_stats(times, "floor")
+    floor_s = sorted(times["floor"])[len(times["floor"]) // 2]
+    print(f"{title}; floor step {floor_s:.3f} s")
+    print()
+    print(f"| variant | step / floor (median [q1, q3]) | {peer_header} "
+          "| saved activations above floor |")
+    print("|---|---|---|---|")
+    for n in names:
+        med, q1, q3 = floor[n]
+        peer = variants[n][1]
+        vs = "—"
+        if peer is not None and peer in times:
+            pm, pq1, pq3 = ratio_stats(times, peer)[n]
+            vs = f"{pm:.3f} [{pq1:.3f}, {pq3:.3f}]"
+        extra = (saved[n] - saved["floor"]) / 2**20
+        print(f"| {n} | {med:.3f} [{q1:.3f}, {q3:.3f}] | {vs} | {extra:+.1f} MiB |")
+
+
 def ratio_stats(times: dict[str, list[float]], ref: str) -> dict[str, tuple[float, float, float]]:
     """Per entry: median, 25th and 75th percentile of the per-round ratio to ``ref``."""
     out = {}

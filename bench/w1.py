@@ -27,8 +27,9 @@ from common import (  # noqa: E402
     Step,
     freeze_to_floor,
     interleaved,
-    ratio_stats,
+    print_report,
     saved_activation_bytes,
+    select_variants,
     w1_batch,
     w1_model,
 )
@@ -187,15 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    names = args.variants or list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    names = ["floor"] + [n for n in names if n != "floor"]
-    for n in list(names):
-        peer = VARIANTS[n][1]
-        if peer is not None and peer not in names:
-            names.append(peer)
+    names = select_variants(ap, args.variants, VARIANTS)
     ids = w1_batch()
     steps, models = {}, {}
     for n in names:
@@ -207,25 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     saved = {n: saved_activation_bytes(m, lambda m=m: m(input_ids=ids, labels=ids))
              for n, m in models.items()}
     times = interleaved(steps, rounds=args.rounds, warmup=args.warmup)
-    floor = ratio_stats(times, "floor")
-    mib = 2**20
-    floor_s = sorted(times["floor"])[len(times["floor"]) // 2]
-    print(f"W1: Llama 512x4, batch 4x256, fp32, {torch.get_num_threads()} threads, "
-          f"{args.rounds} interleaved rounds; floor step {floor_s:.3f} s")
-    print()
-    print("| variant | step / floor (median [q1, q3]) | step / peer (PEFT's; qlora: dense LoRA) "
-          "| saved activations above floor |")
-    print("|---|---|---|---|")
-    for n in names:
-        med, q1, q3 = floor[n]
-        peer = VARIANTS[n][1]
-        vs = "—"
-        if peer is not None and peer in times:
-            pm, pq1, pq3 = ratio_stats(times, peer)[n]
-            vs = f"{pm:.3f} [{pq1:.3f}, {pq3:.3f}]"
-        extra = (saved[n] - saved["floor"]) / mib
-        print(f"| {n} | {med:.3f} [{q1:.3f}, {q3:.3f}] | {vs} | {extra:+.1f} MiB |")
-
+    print_report(
+        f"W1: Llama 512x4, batch 4x256, fp32, {torch.get_num_threads()} threads, "
+        f"{args.rounds} interleaved rounds",
+        names, VARIANTS, times, saved, "step / peer (PEFT's; qlora: dense LoRA)",
+    )  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -26,7 +26,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import W1_TARGETS, Step, interleaved, ratio_stats, saved_activation_bytes  # noqa: E402
+from common import (  # noqa: E402
+    W1_TARGETS,
+    Step,
+    interleaved,
+    print_report,
+    saved_activation_bytes,
+    select_variants,
+)
 
 import peftkit  # noqa: E402
 
@@ -104,15 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    names = args.variants or list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    names = ["floor"] + [n for n in names if n != "floor"]
-    for n in list(names):
-        peer = VARIANTS[n][1]
-        if peer is not None and peer not in names:
-            names.append(peer)
+    names = select_variants(ap, args.variants, VARIANTS)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 49152, (8, 128), generator=g)  # (B, T)
     steps, models = {}, {}
@@ -125,24 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     saved = {n: saved_activation_bytes(m, lambda m=m: m(input_ids=ids, labels=ids))
              for n, m in models.items()}  # fmt: skip
     times = interleaved(steps, rounds=args.rounds, warmup=args.warmup)
-    floor = ratio_stats(times, "floor")
-    floor_s = sorted(times["floor"])[len(times["floor"]) // 2]
-    print(f"W5: SmolLM2-135M-Instruct, batch 8x128, fp32, {torch.get_num_threads()} threads, "
-          f"{args.rounds} interleaved rounds; floor step {floor_s:.2f} s")
-    print()
-    print("| variant | step / floor (median [q1, q3]) | step / PEFT's | saved activations above "
-          "floor |")
-    print("|---|---|---|---|")
-    for n in names:
-        med, q1, q3 = floor[n]
-        peer = VARIANTS[n][1]
-        vs = "—"
-        if peer is not None:
-            pm, pq1, pq3 = ratio_stats(times, peer)[n]
-            vs = f"{pm:.3f} [{pq1:.3f}, {pq3:.3f}]"
-        extra = (saved[n] - saved["floor"]) / 2**20
-        print(f"| {n} | {med:.3f} [{q1:.3f}, {q3:.3f}] | {vs} | {extra:+.1f} MiB |")
-
+    print_report(
+        f"W5: SmolLM2-135M-Instruct, batch 8x128, fp32, {torch.get_num_threads()} threads, "
+        f"{args.rounds} interleaved rounds",
+        names, VARIANTS, times, saved, "step / PEFT's",
+    )  # fmt: skip
 
 if __name__ == "__main__":
     main()

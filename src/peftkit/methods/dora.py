@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig
-from ..core import CONV1D, EMBEDDING, LINEAR, NF4, bypassable, dense_weight
+from ..core import CONV1D, EMBEDDING, LINEAR, NF4, dense_weight
 from .lora import LoraConfig, LoraLayer, layer_kwargs
 from .registry import LayerSpec, Method
 
@@ -240,15 +240,16 @@ class _DoraLinearFn(torch.autograd.Function):
         g = (m.to(norm.dtype) / norm).to(dt)  # (out,)
         dy2, x2 = dy.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])  # (T, out), (T, in)
         d_x = d_bias = d_a = d_b = d_m = None
+        gs = g * s  # (out,)
         if n_x or n_a:
-            ds = torch.mm(dy2, lora_b * (g * s)[:, None])  # ∂L/∂h, (T, out) @ (out, r)
+            ds = torch.mm(dy2, lora_b * gs[:, None])  # ∂L/∂h, (T, out) @ (out, r)
             if n_a:
                 d_a = torch.mm(ds.t(), x2)  # (r, T) @ (T, in)
             if n_x:
                 d_x = torch.mm(dy2, w * g[:, None])  # (T, out) @ (out, in)
                 d_x = d_x.addmm_(ds, a).view(x.shape)  # += (T, r) @ (r, in)
         if n_b:
-            d_b = torch.mm(dy2.t(), h).mul_((g * s)[:, None])  # (out, T) @ (T, r)
+            d_b = torch.mm(dy2.t(), h).mul_(gs[:, None])  # (out, T) @ (T, r)
         if n_bias or (n_m and bias is not None):
             d_bias = dy2.sum(0)  # (out,)
         if n_m:
@@ -385,15 +386,10 @@ class DoraLayer(LoraLayer):
         # Note: a subclass of nn.Linear may compute something else; only the plain layers.
         if not (self.fold_scale and (type(base) is nn.Linear or self.kind == CONV1D)):
             return False
-        w, a = base.weight, self.lora_A
         tokens = x.numel() // max(x.shape[-1], 1)
         return (
-            bypassable(base)
-            and type(w) is nn.Parameter
-            and not w.requires_grad
+            self._base_computable_here(x)
             and (not self.training or isinstance(self.dropout, nn.Identity))
-            and x.dtype == w.dtype == a.dtype
-            and not torch.is_autocast_enabled(x.device.type)
             and 3 * tokens >= 2 * self.in_features
         )
 

@@ -196,19 +196,25 @@ class LoraLayer(Adapter):
             h = F.linear(x.to(self.lora_A.dtype), self.lora_A)  # (..., r)
         return F.linear(h * self.scaling, self.lora_B)  # (..., out)
 
-    def _merged_ok(self, x: Tensor) -> bool:
-        base = self.base
-        if not (self.merged_matmul and type(base) is nn.Linear and torch.is_grad_enabled()):
-            return False
-        w, a = base.weight, self.lora_A
-        tokens = x.numel() // max(x.shape[-1], 1)
+    def _base_computable_here(self, x: Tensor) -> bool:
+        """What every fused path needs to compute the base itself instead of calling it: nothing
+        hooks the base, W is a frozen plain Parameter, x, W and A share a dtype, no autocast."""
+        w = self.base.weight
         return (
-            bypassable(base)
+            bypassable(self.base)
             and type(w) is nn.Parameter
             and not w.requires_grad
-            and isinstance(self.dropout, nn.Identity)
-            and x.dtype == w.dtype == a.dtype
+            and x.dtype == w.dtype == self.lora_A.dtype
             and not torch.is_autocast_enabled(x.device.type)
+        )
+
+    def _merged_ok(self, x: Tensor) -> bool:
+        if not (self.merged_matmul and type(self.base) is nn.Linear and torch.is_grad_enabled()):
+            return False
+        tokens = x.numel() // max(x.shape[-1], 1)
+        return (
+            self._base_computable_here(x)
+            and isinstance(self.dropout, nn.Identity)
             and tokens * (self.in_features + self.out_features)
             >= self.in_features * self.out_features
         )
