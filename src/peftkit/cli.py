@@ -176,6 +176,20 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 
 
 # -- data for a run -------------------------------------------------------------------------------
+def _vader_splits() -> Any:
+    """The default task's splits, fetching the VADER data first when it is not cached (the same
+    checksummed, atomic download as ``peftkit fetch-data``)."""
+    if not vader_path().is_file():
+        # Note: on stdout with the run's report, so that a failed fetch's stderr is its one line.
+        print(
+            f"data       not cached yet: fetching {VADER_REQUIREMENT} from PyPI once "
+            f"(into {vader_path().parent}) ...",
+            flush=True,
+        )
+        fetch_vader()
+    return vader(0)
+
+
 def _training_data(
     args: argparse.Namespace, task: str
 ) -> tuple[tuple[Example, ...], tuple[Example, ...], tuple[str, ...], str]:
@@ -183,7 +197,7 @@ def _training_data(
     if args.data is None:
         if args.eval_data is not None:
             raise CliError("--eval-data needs --data (the default task has its own test split)")
-        s = vader(0)
+        s = _vader_splits()
         desc = f"VADER movie-review snippets: {len(s.train):,} train, {len(s.test):,} held out"
         return s.train, s.test, s.label_names, desc
     ds = load_file(args.data, task=task)
@@ -208,7 +222,7 @@ def _eval_data(
         return ds.examples, ds.label_names, f"{args.data} ({len(ds.examples):,} examples)"
     source = info.get("data", VADER)
     if source == VADER:
-        s = vader(0)
+        s = _vader_splits()
         return s.test, s.label_names, f"VADER held-out test split ({len(s.test):,} examples)"
     if info.get("eval_data"):
         ds = load_file(info["eval_data"], task=task, label_names=names)

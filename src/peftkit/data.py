@@ -112,9 +112,12 @@ def _download_sdist(dest: Path) -> Path:
     cmd += ["--quiet", "--dest", str(dest), VADER_REQUIREMENT]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
+        said = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
+        last = next((ln for ln in reversed(said) if "ERROR" in ln), said[-1] if said else "")
         raise DataError(
-            f"`{' '.join(cmd[2:])}` failed (exit {done.returncode}); PyPI must be reachable "
-            f"once to fetch the VADER data. pip said:\n{done.stderr.strip()[-2000:]}"
+            f"could not download {VADER_REQUIREMENT} with `{' '.join(cmd[2:6])} ...` (exit "
+            f"{done.returncode}): PyPI must be reachable once to fetch the VADER data"
+            + (f"; pip said: {last[:300]}" if last else "")
         )
     found = sorted(dest.glob("*.tar.gz"))
     if len(found) != 1:
