@@ -9,6 +9,7 @@ peftkit.save_adapter(model, "out")    # PEFT's file layout
 
 from .config import AdapterConfig
 from .core import (
+    AdaptedLayer,
     Adapter,
     ModulesToSave,
     adapters,
@@ -19,7 +20,16 @@ from .core import (
     unmerge,
 )
 from .hooks import TrainingHook, attach, detach, register_hook
-from .inject import adapt, find_targets, merge_and_unload, unload
+from .inject import (
+    active_adapters,
+    adapt,
+    adapter_names,
+    delete_adapter,
+    find_targets,
+    merge_and_unload,
+    set_adapter,
+    unload,
+)
 from .methods import METHODS
 from .methods.adalora import AdaLoraConfig
 from .methods.delta_lora import DeltaLoraConfig
@@ -33,6 +43,7 @@ from .methods.vera import VeraConfig
 from .optim import param_groups
 from .paged import PagedAdamW
 from .quant import NF4Linear, nf4_dequantize, nf4_quantize, quantize_
+from .routing import route
 from .state import export_lora, load_adapter, read_adapter_config, save_adapter
 
 __version__ = "0.1.0"
@@ -41,6 +52,7 @@ __all__ = [
     "METHODS",
     "NF4Linear",
     "PagedAdamW",
+    "AdaptedLayer",
     "Adapter",
     "AdaLoraConfig",
     "AdapterConfig",
@@ -54,9 +66,12 @@ __all__ = [
     "MoraConfig",
     "TrainingHook",
     "VeraConfig",
+    "active_adapters",
     "adapt",
+    "adapter_names",
     "adapters",
     "attach",
+    "delete_adapter",
     "dense_weight",
     "detach",
     "disable_adapters",
@@ -71,7 +86,9 @@ __all__ = [
     "quantize_",
     "read_adapter_config",
     "register_hook",
+    "route",
     "save_adapter",
+    "set_adapter",
     "set_rank",
     "trainable_parameters",
     "unload",

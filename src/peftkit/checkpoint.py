@@ -36,8 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .core import adapters, get_state, unwrap
-from .hooks import STATE_KEY, _flatten, _unflatten, attach, is_attached
+from .core import adapted_layers, get_state, unwrap
+from .hooks import STATE_KEY, attach, flatten_state, is_attached, unflatten_state
 from .inject import SHARED_ATTR
 from .methods import METHODS
 
@@ -76,8 +76,11 @@ def training_tensors(model: nn.Module) -> dict[str, Tensor]:
                 if key in full:
                     keep.add(key)
     if state is not None:
-        mutates = getattr(METHODS[state.config.method], "mutates_base", False)
-        prefixes = [f"{name}." for name, _ in adapters(root)]
+        mutates = any(
+            getattr(METHODS[a.config.method], "mutates_base", False)
+            for a in state.adapters.values()
+        )
+        prefixes = [f"{name}." for name, _ in adapted_layers(root)]
         for key in full:
             for p in prefixes:
                 if key.startswith(p) and (mutates or not key.startswith(f"{p}base.")):
@@ -127,7 +130,7 @@ def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[Any, dict[str, T
     sd = dict(sd)
     sd["state"] = {str(k): v for k, v in sd["state"].items()}  # JSON keys are strings
     tensors: dict[str, Tensor] = {}
-    skeleton = _flatten(sd, "", tensors)
+    skeleton = flatten_state(sd, "", tensors)
     return skeleton, {k: _cpu(v) for k, v in tensors.items()}
 
 
@@ -378,7 +381,7 @@ def load_checkpoint(
     opt_tensors = _load(path / OPTIMIZER_TENSORS)
     try:
         skeleton = json.loads(opt_file.read_text(encoding="utf-8"))
-        opt_sd = _unflatten(skeleton, opt_tensors)
+        opt_sd = unflatten_state(skeleton, opt_tensors)
         opt_sd["state"] = {int(k): v for k, v in opt_sd["state"].items()}
         saved_sizes = [len(g["params"]) for g in opt_sd["param_groups"]]
     except (ValueError, KeyError, TypeError, AttributeError) as e:

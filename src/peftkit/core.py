@@ -14,16 +14,37 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from .config import AdapterConfig
-    from .hooks import TrainingHook
 
 LINEAR, CONV1D, EMBEDDING, NF4 = "linear", "conv1d", "embedding", "nf4"
+#: Every key in PEFT's adapter files starts with this.
+PEFT_PREFIX = "base_model.model."
+DEFAULT = "default"
+
+
+@runtime_checkable
+class TrainingHook(Protocol):
+    """What a method implements to act between optimizer steps (see :mod:`peftkit.hooks`).
+
+    A hook may also define ``on_attach()`` (not part of the protocol check): ``attach`` calls
+    it once the optimizer's hooks are registered (DyLoRA starts driving the drawn rank there)."""
+
+    def before_step(self) -> None:
+        """Runs inside ``optimizer.step()``, before the parameters move (gradients are final)."""
+
+    def after_step(self) -> None:
+        """Runs inside ``optimizer.step()``, after the parameters moved."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values needed to resume exactly."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def bypassable(base: nn.Module) -> bool:
@@ -141,7 +162,7 @@ class Adapter(Switchable):
         kind = layer_kind(base)
         if kind is None:
             raise TypeError(f"{type(base).__name__} is not a layer peftkit can wrap")
-        self.base = base
+        self.base = base  # a reference, not a submodule: the AdaptedLayer holding it owns base
         self.kind = kind
         self.in_features, self.out_features = layer_shape(base)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -149,10 +170,37 @@ class Adapter(Switchable):
         #: set by ``adapt`` when the base weight is shared with another module
         self.weight_tied = False
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Note: several adapters share one base (one AdaptedLayer, many names), so ``base`` is a
+        # plain reference here; the holder registers it once (one key in state_dict, one .to()).
+        if name == "base":
+            self._modules.pop("base", None)
+            object.__setattr__(self, name, value)
+            return
+        super().__setattr__(name, value)
+
     # -- the branch -------------------------------------------------------------------------------
     def update(self, x: Tensor) -> Tensor:
         """The additive branch for input ``x`` (already dropped out): ``x ΔWᵀ``."""
         raise NotImplementedError
+
+    def factors(self) -> tuple[Tensor, Tensor] | None:
+        """``(A, B')`` with ``update(x) == x Aᵀ B'ᵀ`` (the scale folded into B'), differentiable,
+        for mixed-adapter batches (stacked and gathered per row); None where the update has no
+        such form here (MoRA, embeddings, a rank drawn per step)."""
+        return None
+
+    def row_scale(self) -> Tensor | None:
+        """A per-output factor g with ``forward(x) = g ⊙ (base(x) − b + x Aᵀ B'ᵀ) + b`` (DoRA's
+        magnitude over the detached norm), or None for an additive update."""
+        return None
+
+    def add_to(self, x: Tensor, out: Tensor) -> Tensor:
+        """``out`` plus what this adapter adds to its base's output for input ``x`` (several
+        active adapters on one layer add their updates, as in PEFT)."""
+        if self.disabled or self.merged:
+            return out
+        return out + self.update(self.dropout(x)).to(out.dtype)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         out: Tensor = self.base(x, *args, **kwargs)
@@ -236,32 +284,151 @@ class Adapter(Switchable):
         return f"kind={self.kind}, in={self.in_features}, out={self.out_features}"
 
 
-class ModulesToSave(Switchable):
-    """A module trained in full: a trainable copy beside the frozen original (PEFT's
-    ``modules_to_save``). ``disable_adapters`` routes back to the original."""
+class AdaptedLayer(Switchable):
+    """What replaces a target layer: the original as ``base`` and its adapters by name.
 
-    def __init__(self, original: nn.Module) -> None:
+    With one active adapter the layer is that adapter's forward (its fused paths included);
+    several active adapters add their updates to one base output (PEFT's rule); inside
+    :func:`peftkit.route` each row or token gets its own adapter (:mod:`peftkit.routing`)."""
+
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
-        import copy
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        #: the names that this layer's forward applies, in order (set by ``set_adapter``)
+        self.active: list[str] = []
+        self.model_state: ModelState | None = None  # set by ``adapt``: where routes live
 
+    def add(self, name: str, adapter: Adapter) -> None:
+        if adapter.base is not self.base:
+            raise ValueError(f"adapter {name!r} wraps another base than this layer's")
+        self.adapters[name] = adapter
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        adapters = self.adapters
+        if self.disabled:
+            if len(adapters) == 1:  # its own disabled path (Delta-LoRA undoes its change to W)
+                only: Tensor = next(iter(adapters.values()))(x, *args, **kwargs)
+                return only
+            out: Tensor = self.base(x, *args, **kwargs)
+            return out
+        st = self.model_state
+        route = st.route if st is not None else None
+        if route is not None:
+            from .routing import routed_forward
+
+            return routed_forward(self, route, x, *args, **kwargs)
+        active = self.active
+        if len(active) == 1:
+            y: Tensor = adapters[active[0]](x, *args, **kwargs)
+            return y
+        out = self.base(x, *args, **kwargs)
+        for name in active:
+            out = adapters[name].add_to(x, out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"active={self.active}"
+
+
+class ModulesToSave(Switchable):
+    """A module trained in full: a trainable copy per adapter beside the frozen original (PEFT's
+    ``modules_to_save``). ``disable_adapters`` routes back to the original; the first active
+    adapter with a copy is used, else the original."""
+
+    def __init__(self, original: nn.Module, name: str = DEFAULT) -> None:
+        super().__init__()
         self.original = original
-        self.trained = copy.deepcopy(original)
         for p in self.original.parameters():
             p.requires_grad_(False)
-        for p in self.trained.parameters():
+        self.copies = nn.ModuleDict()
+        self.active: list[str] = [name]
+        self.model_state: ModelState | None = None
+        self.add(name)
+
+    def add(self, name: str) -> None:
+        import copy
+
+        trained = copy.deepcopy(self.original)
+        for p in trained.parameters():
             p.requires_grad_(True)
+        self.copies[name] = trained
+
+    @property
+    def trained(self) -> nn.Module:
+        """The copy that the forward uses now (the original when no active adapter has one)."""
+        for name in self.active:
+            if name in self.copies:
+                return self.copies[name]
+        return self.original
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return (self.original if self.disabled else self.trained)(*args, **kwargs)
+        if self.disabled:
+            return self.original(*args, **kwargs)
+        st = self.model_state
+        if st is not None and st.route is not None:
+            from .routing import routed_copies
+
+            return routed_copies(self, st.route, *args, **kwargs)
+        return self.trained(*args, **kwargs)
 
 
 @dataclass
 class AdapterState:
-    """What ``adapt`` records on the model: its config and its training hooks."""
+    """What ``adapt`` records for one named adapter: its config, training hooks and shared
+    module (VeRA's projections, LongLoRA's settings)."""
 
     config: AdapterConfig
     hooks: list[TrainingHook] = field(default_factory=list)
     shared: nn.Module | None = None
+
+
+@dataclass
+class ModelState:
+    """What an adapted model carries (``model.peftkit_state``): its adapters by name in the order
+    they were added, the active names, and the route of a mixed batch while one is open.
+
+    ``focus`` names the adapter that model-level helpers (``adapters(model)``, ``state.config``)
+    look at while one adapter is saved, loaded or merged (:func:`focused`)."""
+
+    adapters: dict[str, AdapterState] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    route: Any = None
+    focus: str | None = None
+    #: bumped whenever adapters are added, deleted or (un)merged: layers' caches key on it
+    generation: int = 0
+
+    def names(self) -> list[str]:
+        return list(self.adapters)
+
+    def current(self) -> str:
+        """The adapter a single-adapter helper means: the focused one, else the only one, else
+        the first active one."""
+        if self.focus is not None:
+            return self.focus
+        if len(self.adapters) == 1:
+            return next(iter(self.adapters))
+        if self.active:
+            return self.active[0]
+        raise ValueError(
+            f"model has adapters {self.names()} and none is active; pass name= or set_adapter"
+        )
+
+    @property
+    def config(self) -> AdapterConfig:
+        return self.adapters[self.current()].config
+
+    @property
+    def hooks(self) -> list[TrainingHook]:
+        """Every adapter's hooks (focused: that adapter's), in the order the adapters were added:
+        each hook acts on its own adapter's layers only."""
+        if self.focus is not None:
+            return self.adapters[self.focus].hooks
+        return [h for a in self.adapters.values() for h in a.hooks]
+
+    @property
+    def shared(self) -> nn.Module | None:
+        return self.adapters[self.current()].shared
 
 
 STATE_ATTR = "peftkit_state"
@@ -276,40 +443,97 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def get_state(model: nn.Module, *, required: bool = True) -> AdapterState | None:
+def get_state(model: nn.Module, *, required: bool = True) -> ModelState | None:
     state = getattr(unwrap(model), STATE_ATTR, None)
     if state is None and required:
         raise ValueError("model has no peftkit adapter; call peftkit.adapt(model, config) first")
     return state
 
 
-def adapters(model: nn.Module) -> Iterator[tuple[str, Adapter]]:
-    """``(module path, adapter)`` for every adapter layer in ``model``."""
+def model_state(model: nn.Module) -> ModelState:
+    """The adapted model's :class:`ModelState` (``ValueError`` if it has no adapter)."""
+    state = get_state(model)
+    assert state is not None
+    return state
+
+
+def check_name(model: nn.Module, name: str) -> str:
+    """``name`` if the model has an adapter of that name, else ``ValueError`` listing them."""
+    state = model_state(model)
+    if name not in state.adapters:
+        raise ValueError(f"no adapter named {name!r}; the model has {state.names()}")
+    return name
+
+
+@contextlib.contextmanager
+def focused(model: nn.Module, name: str | None) -> Iterator[ModelState]:
+    """Inside, model-level helpers see adapter ``name`` alone (None: no change)."""
+    state = model_state(model)
+    if name is None:
+        yield state
+        return
+    check_name(model, name)
+    before, state.focus = state.focus, name
+    try:
+        yield state
+    finally:
+        state.focus = before
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
+    """``(module path, layer)`` for every :class:`AdaptedLayer` in ``model``."""
     for name, m in unwrap(model).named_modules():
-        if isinstance(m, Adapter):
+        if isinstance(m, AdaptedLayer):
             yield name, m
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Merge every adapter into its base weight (zero inference latency). Refuses a second merge."""
-    layers = [a for _, a in adapters(model)]
+def adapters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, Adapter]]:
+    """``(module path, adapter)`` for the adapters named ``name`` (default: the focused adapter
+    while one is focused, else every adapter of every name), by the path of the layer they
+    adapt."""
+    root = unwrap(model)
+    state = getattr(root, STATE_ATTR, None)
+    if name is None and state is not None:
+        name = state.focus
+    for path, layer in adapted_layers(root):
+        for n, a in layer.adapters.items():
+            if name is None or n == name:
+                yield path, a  # type: ignore[misc]
+
+
+def modules_to_save(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    for name, m in unwrap(model).named_modules():
+        if isinstance(m, ModulesToSave):
+            yield name, m
+
+
+def merge(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Merge adapter ``name`` (default: the active adapters) into the base weights: zero
+    inference latency. Refuses a second merge."""
+    state = model_state(model)
+    names = [check_name(model, name)] if name is not None else list(state.active)
+    layers = [a for n in names for _, a in adapters(model, n)]
     if not layers:
         raise ValueError("model has no adapter layers to merge")
     if any(a.merged for a in layers):
         raise ValueError("model is already merged; call unmerge(model) first")
     for a in layers:
         a.merge()
+    state.generation += 1
     return model
 
 
-def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge`."""
-    layers = [a for _, a in adapters(model)]
+def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Undo :func:`merge` (of ``name``; default: every merged adapter, last merged first)."""
+    state = model_state(model)
+    names = [check_name(model, name)] if name is not None else state.names()
+    layers = [a for n in names for _, a in adapters(model, n)]
     if not any(a.merged for a in layers):
         raise ValueError("model is not merged; nothing to unmerge")
-    for a in layers:
+    for a in reversed(layers):
         if a.merged:
             a.unmerge()
+    state.generation += 1
     return model
 
 
@@ -322,7 +546,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     switches = [m for m in root.modules() if isinstance(m, Switchable)]
     was_merged = [a for a in switches if isinstance(a, Adapter) and a.merged]
     previous = [m.disabled for m in switches]
-    for a in was_merged:
+    for a in reversed(was_merged):
         a.unmerge()
     for m in switches:
         m.disabled = True

@@ -13,42 +13,26 @@ resumed run continues exactly.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .core import get_state, unwrap
+from .core import TrainingHook, get_state, model_state, unwrap
 
 STATE_KEY = "peftkit_hooks"
 
 
-@runtime_checkable
-class TrainingHook(Protocol):
-    """What a method implements to act between optimizer steps.
-
-    A hook may also define ``on_attach()`` (not part of the protocol check): :func:`attach` calls
-    it once the optimizer's hooks are registered (DyLoRA starts driving the drawn rank there)."""
-
-    def before_step(self) -> None:
-        """Runs inside ``optimizer.step()``, before the parameters move (gradients are final)."""
-
-    def after_step(self) -> None:
-        """Runs inside ``optimizer.step()``, after the parameters moved."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """Tensors and plain values needed to resume exactly."""
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def register_hook(model: nn.Module, hook: TrainingHook) -> None:
-    """Add a hook to an adapted model (methods add theirs at ``adapt``; this is for extensions)."""
+def register_hook(model: nn.Module, hook: TrainingHook, *, name: str | None = None) -> None:
+    """Add a hook to adapter ``name`` of an adapted model (default: the only or first active
+    one). Methods add theirs at ``adapt``; this is for extensions."""
     if not isinstance(hook, TrainingHook):
         raise TypeError(f"{type(hook).__name__} does not implement the TrainingHook protocol")
-    state = get_state(model)
-    assert state is not None
-    state.hooks.append(hook)
+    state = model_state(model)
+    target = name if name is not None else state.current()
+    if target not in state.adapters:
+        raise ValueError(f"no adapter named {target!r}; the model has {state.names()}")
+    state.adapters[target].hooks.append(hook)
 
 
 def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
@@ -138,8 +122,8 @@ def hook_tensors(state: dict[str, Any]) -> dict[str, Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, Tensor)}
 
 
-def _flatten(value: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
-    """JSON skeleton of ``value`` with every tensor moved into ``tensors`` (by key)."""
+def flatten_state(value: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
+    """The JSON skeleton of ``value`` with every tensor moved into ``tensors`` (by key)."""
     if isinstance(value, Tensor):
         key = prefix or "_"
         tensors[key] = value.detach().cpu().contiguous()
@@ -148,9 +132,11 @@ def _flatten(value: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
         for k in value:
             if not isinstance(k, str):
                 raise TypeError(f"hook state keys must be strings, got {k!r} at {prefix!r}")
-        return {k: _flatten(v, f"{prefix}.{k}" if prefix else k, tensors) for k, v in value.items()}
+        return {
+            k: flatten_state(v, f"{prefix}.{k}" if prefix else k, tensors) for k, v in value.items()
+        }
     if isinstance(value, (list, tuple)):
-        return [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]
+        return [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(value)]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(
@@ -158,13 +144,13 @@ def _flatten(value: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
     )
 
 
-def _unflatten(value: Any, tensors: dict[str, Tensor]) -> Any:
+def unflatten_state(value: Any, tensors: dict[str, Tensor]) -> Any:
     if isinstance(value, dict):
         if set(value) == {"__tensor__"}:
             return tensors[value["__tensor__"]]
-        return {k: _unflatten(v, tensors) for k, v in value.items()}
+        return {k: unflatten_state(v, tensors) for k, v in value.items()}
     if isinstance(value, list):
-        return [_unflatten(v, tensors) for v in value]
+        return [unflatten_state(v, tensors) for v in value]
     return value
 
 
@@ -178,7 +164,7 @@ def save_hook_state(model: nn.Module, directory: str | Any) -> None:
     state = get_state(model)
     assert state is not None
     tensors: dict[str, Tensor] = {}
-    skeleton = [_flatten(h.state_dict(), str(i), tensors) for i, h in enumerate(state.hooks)]
+    skeleton = [flatten_state(h.state_dict(), str(i), tensors) for i, h in enumerate(state.hooks)]
     write_files(
         Path(directory), {"peftkit_hooks.json": skeleton}, {"peftkit_hooks.safetensors": tensors}
     )
@@ -205,5 +191,5 @@ def load_hook_state(model: nn.Module, directory: str | Any) -> bool:
             f"{len(state.hooks)}; was it saved from a different adapter?"
         )
     for h, s in zip(state.hooks, skeleton, strict=True):
-        h.load_state_dict(_unflatten(s, tensors))
+        h.load_state_dict(unflatten_state(s, tensors))
     return True

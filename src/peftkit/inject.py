@@ -3,28 +3,39 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .core import (
+    DEFAULT,
     NF4,
     STATE_ATTR,
+    AdaptedLayer,
     Adapter,
     AdapterState,
+    ModelState,
     ModulesToSave,
+    adapted_layers,
     adapters,
     base_dtype,
+    check_name,
+    focused,
     get_state,
     layer_kind,
+    model_state,
+    modules_to_save,
     unwrap,
 )
 from .methods import METHODS
 from .methods.registry import LayerSpec
 
 SHARED_ATTR = "peftkit_shared"
+#: Adapter names become folder names (PEFT's multi-adapter layout): keep them path-safe.
+NAME_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}")
+RESERVED = frozenset({"__base__"})
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -69,11 +80,17 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
     head = _output_head(model)
     saved = config.modules_to_save or ()
     found: list[tuple[str, nn.Module]] = []
+    inside: list[str] = []  # the insides of adapted layers and modules_to_save wrappers
     for name, module in model.named_modules():
-        if not name or isinstance(module, (Adapter, ModulesToSave)):
+        if not name or isinstance(module, Adapter) or any(name.startswith(p) for p in inside):
             continue
+        if isinstance(module, (AdaptedLayer, ModulesToSave)):
+            inside.append(name + ".")
+            if isinstance(module, ModulesToSave):
+                continue
+        kind_of = module.base if isinstance(module, AdaptedLayer) else module
         if tm == "all-linear":
-            if layer_kind(module) not in ("linear", "conv1d", NF4) or module is head:
+            if layer_kind(kind_of) not in ("linear", "conv1d", NF4) or kind_of is head:
                 continue
             if _tail_match(name, saved):
                 continue
@@ -90,7 +107,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
             idx = _layer_index(name, config.layers_pattern)
             if idx is None or idx not in config.layers_to_transform:
                 continue
-        if layer_kind(module) is None:
+        if layer_kind(kind_of) is None:
             raise TypeError(
                 f"target {name!r} is a {type(module).__name__}; peftkit wraps nn.Linear, "
                 "GPT-2 Conv1D, nn.Embedding and NF4Linear. Narrow target_modules to those layers."
@@ -117,21 +134,48 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Wrap the targets of ``config`` in place and return the same model.
+def _check_new_name(name: object, state: ModelState | None) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in RESERVED:
+        raise ValueError(
+            f"adapter name {name!r} is not usable: names become folder names, so use letters, "
+            "digits, '_', '-' and '.' (not starting with '.'); '__base__' is reserved"
+        )
+    if state is not None and name in state.adapters:
+        raise ValueError(
+            f"the model already has an adapter named {name!r} (it has {state.names()}); choose "
+            "another name or peftkit.delete_adapter(model, name) first"
+        )
+    return name
 
-    Every parameter outside the adapters (and ``modules_to_save`` copies) is frozen. One adapter
-    per model: adapting an adapted model is an error (``unload`` first).
+
+def _shared_holder(root: nn.Module) -> nn.ModuleDict:
+    holder = getattr(root, SHARED_ATTR, None)
+    if not isinstance(holder, nn.ModuleDict):
+        holder = nn.ModuleDict()
+        root.add_module(SHARED_ATTR, holder)
+    return holder
+
+
+def adapt(model: nn.Module, config: AdapterConfig, *, name: str = DEFAULT) -> nn.Module:
+    """Wrap the targets of ``config`` in place as adapter ``name`` and return the same model.
+
+    The first adapter is active and trainable, and every other parameter is frozen. Calling
+    ``adapt`` again with another name adds another adapter (same or other targets, any method,
+    any rank): it is trainable but not active, so the model's outputs do not change until
+    :func:`set_adapter` (or :func:`peftkit.route`) selects it. A name already in use is a
+    ``ValueError``.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a peftkit config (e.g. LoraConfig), got {type(config)}")
     root = unwrap(model)
-    if getattr(root, STATE_ATTR, None) is not None or any(True for _ in adapters(root)):
-        raise ValueError("model already has a peftkit adapter; call peftkit.unload(model) first")
+    state = get_state(root, required=False)
+    name = _check_new_name(name, state)
     method = METHODS.get(config.method)
     if method is None:
         raise ValueError(f"no method {config.method!r}; known: {', '.join(sorted(METHODS))}")
     targets = find_targets(root, config)
+    if state is not None:
+        _check_compatible(root, state, name, config, targets)
     if method.check is not None:
         method.check(root, config, targets)
     saved: list[str] = []
@@ -141,7 +185,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
             for n, m in root.named_modules()
             if n
             and _tail_match(n, config.modules_to_save)
-            and not isinstance(m, ModulesToSave)
+            and not _inside_saved(root, n)
             and not any(n.startswith(t + ".") or n == t for t, _ in targets)
         ]
         nested = [n for n in saved if any(n.startswith(o + ".") for o in saved)]
@@ -151,23 +195,49 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
                 f"modules_to_save={list(config.modules_to_save)!r} matches no module of the model"
             )
 
-    for p in root.parameters():
-        p.requires_grad_(False)
+    first = state is None
+    if first:
+        for p in root.parameters():
+            p.requires_grad_(False)
+        state = ModelState()
+    assert state is not None
+    before = {id(m) for _, m in modules_to_save(root)}
     shared = method.prepare(root, config, targets) if method.prepare is not None else None
+    for _, m in modules_to_save(root):
+        if id(m) not in before and name != DEFAULT and DEFAULT in m.copies:
+            m.copies[name] = m.copies.pop(DEFAULT)  # prepare() wrapped it (LongLoRA's trainable)
+            m.active = [name]
     if shared is not None:
-        root.add_module(SHARED_ATTR, shared)
+        _shared_holder(root)[name] = shared
     wrapped: list[tuple[str, Adapter]] = []
-    for name, module in targets:
-        layer = method.make_layer(module, config, LayerSpec(name=name, shared=shared))
-        layer.train(module.training)  # an adapter follows its layer's train/eval mode
-        _set_module(root, name, layer)
-        wrapped.append((name, layer))
-    for name in saved:
-        original = root.get_submodule(name)
-        _set_module(root, name, ModulesToSave(original).train(original.training))
+    holders: list[AdaptedLayer] = []
+    for path, module in targets:
+        holder = module if isinstance(module, AdaptedLayer) else None
+        base = holder.base if holder is not None else module
+        layer = method.make_layer(base, config, LayerSpec(name=path, shared=shared))
+        layer.train(base.training)  # an adapter follows its layer's train/eval mode
+        if holder is None:
+            holder = AdaptedLayer(base).train(base.training)
+            _set_module(root, path, holder)
+        holder.add(name, layer)
+        holder.model_state = state
+        wrapped.append((path, layer))
+        holders.append(holder)
+    for path in saved:
+        m = root.get_submodule(path)
+        if isinstance(m, ModulesToSave):
+            m.add(name)
+        else:
+            m = ModulesToSave(m, name).train(m.training)
+            m.active = []
+            _set_module(root, path, m)
+        m.model_state = state
+    # LongLoRA and other prepare() steps may have wrapped modules themselves
+    for _, m in modules_to_save(root):
+        m.model_state = state
     owners: dict[int, int] = {}
     for m in root.modules():
-        if not isinstance(m, Adapter):
+        if not isinstance(m, (Adapter, AdaptedLayer)):
             for p in m.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
     for _, layer in wrapped:
@@ -178,35 +248,155 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
             param = getattr(layer, pname, None)
             if isinstance(param, nn.Parameter):
                 param.requires_grad_(True)
-    state = AdapterState(config=config, shared=shared)
-    if method.make_hook is not None:
-        hook = method.make_hook(root, config, wrapped)
-        if hook is not None:
-            state.hooks.append(hook)
+    entry = AdapterState(config=config, shared=shared)
+    state.adapters[name] = entry
+    if first:
+        state.active = [name]
+    state.generation += 1
     object.__setattr__(root, STATE_ATTR, state)
+    _apply_active(root, state)
+    if method.make_hook is not None:
+        with focused(root, name):
+            hook = method.make_hook(root, config, wrapped)
+        if hook is not None:
+            entry.hooks.append(hook)
+    return model
+
+
+def _inside_saved(root: nn.Module, path: str) -> bool:
+    """Whether ``path`` is a ModulesToSave's internal module (its original or a copy)."""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        if isinstance(root.get_submodule(".".join(parts[:i])), ModulesToSave):
+            return True
+    return False
+
+
+def _check_compatible(
+    root: nn.Module,
+    state: ModelState,
+    name: str,
+    config: AdapterConfig,
+    targets: list[tuple[str, nn.Module]],
+) -> None:
+    """A second adapter may go anywhere, except where sharing a layer would be wrong."""
+    new = METHODS[config.method]
+    for path, module in targets:
+        if not isinstance(module, AdaptedLayer):
+            continue
+        if any(a.merged for a in module.adapters.values()):
+            raise ValueError(
+                f"{path} holds a merged adapter; call peftkit.unmerge(model) before adding "
+                f"adapter {name!r}"
+            )
+        for other, _a in module.adapters.items():
+            old = METHODS[state.adapters[other].config.method]
+            if new.mutates_base or old.mutates_base:
+                raise ValueError(
+                    f"{path}: Delta-LoRA changes the base weight itself, so it cannot share a "
+                    f"layer with another adapter ({other!r} and {name!r}); export it with "
+                    "peftkit.export_lora (an exact rank-2r LoRA) and load that instead"
+                )
+    if new.prepare is not None and config.method == "longlora":
+        if any(s.config.method == "longlora" for s in state.adapters.values()):
+            raise ValueError(
+                "the model already has a LongLoRA adapter; its attention and position changes "
+                "are model-wide, so a second one cannot be added"
+            )
+
+
+def _apply_active(root: nn.Module, state: ModelState) -> None:
+    for _, layer in adapted_layers(root):
+        layer.active = [n for n in state.active if n in layer.adapters]
+    for _, m in modules_to_save(root):
+        m.active = [n for n in state.active if n in m.copies]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The model's adapters, in the order they were added (their ids in :func:`peftkit.route`)."""
+    state = get_state(model, required=False)
+    return state.names() if state is not None else []
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters whose updates the model applies now (several add, as in PEFT)."""
+    state = get_state(model, required=False)
+    return list(state.active) if state is not None else []
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
+    """Make ``names`` (one name or a list) the active adapters; several active adapters add their
+    updates. Which parameters train does not change (unlike PEFT, activating an adapter does not
+    make it trainable: use ``requires_grad_`` for that)."""
+    state = model_state(model)
+    wanted = [names] if isinstance(names, str) else list(names)
+    for n in wanted:
+        check_name(model, n)
+    if len(set(wanted)) != len(wanted):
+        raise ValueError(f"set_adapter got a name twice: {wanted}")
+    state.active = wanted
+    state.generation += 1
+    _apply_active(unwrap(model), state)
+    return model
+
+
+def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name`` and free its tensors. Deleting the last adapter gives back the
+    base model (as :func:`unload`). A merged adapter is refused (unmerge first)."""
+    root = unwrap(model)
+    state = model_state(root)
+    check_name(root, name)
+    if any(a.merged for _, a in adapters(root, name)):
+        raise ValueError(f"adapter {name!r} is merged; call peftkit.unmerge(model) first")
+    if len(state.adapters) == 1:
+        return unload(model)
+    for path, layer in list(adapted_layers(root)):
+        if name in layer.adapters:
+            layer.adapters[name].on_unload()
+            del layer.adapters[name]
+            if not layer.adapters:
+                _set_module(root, path, layer.base)
+    for path, m in list(modules_to_save(root)):
+        if name in m.copies:
+            del m.copies[name]
+            if not m.copies:
+                _set_module(root, path, m.original)
+    holder = getattr(root, SHARED_ATTR, None)
+    if isinstance(holder, nn.ModuleDict) and name in holder:
+        shared_unload = getattr(holder[name], "on_unload", None)
+        if callable(shared_unload):
+            shared_unload(root, merged=False)
+        del holder[name]
+    del state.adapters[name]
+    state.active = [n for n in state.active if n != name]
+    state.generation += 1
+    _apply_active(root, state)
     return model
 
 
 def _restore(model: nn.Module, *, merged: bool) -> nn.Module:
     root = unwrap(model)
     get_state(root)
-    for name, layer in list(adapters(root)):
-        if merged and not layer.merged:
-            layer.merge()
-        if not merged and layer.merged:
-            layer.unmerge()
-        if not merged:
-            layer.on_unload()
-        _set_module(root, name, layer.base)
-    for name, m in list(root.named_modules()):
-        if isinstance(m, ModulesToSave):
-            keep = m.trained if merged else m.original
-            for p in keep.parameters():
-                p.requires_grad_(False)
-            _set_module(root, name, keep)
-    shared_unload = getattr(getattr(root, SHARED_ATTR, None), "on_unload", None)
-    if callable(shared_unload):
-        shared_unload(root, merged=merged)  # the shared module undoes its model-level changes
+    for path, holder in list(adapted_layers(root)):
+        for layer in holder.adapters.values():
+            if merged and not layer.merged:
+                layer.merge()
+            if not merged and layer.merged:
+                layer.unmerge()
+            if not merged:
+                layer.on_unload()
+        _set_module(root, path, holder.base)
+    for path, m in list(modules_to_save(root)):
+        keep = m.trained if merged else m.original
+        for p in keep.parameters():
+            p.requires_grad_(False)
+        _set_module(root, path, keep)
+    holder_ = getattr(root, SHARED_ATTR, None)
+    if isinstance(holder_, nn.ModuleDict):
+        for shared in holder_.values():
+            shared_unload = getattr(shared, "on_unload", None)
+            if callable(shared_unload):
+                shared_unload(root, merged=merged)  # undoes its model-level changes
     if hasattr(root, SHARED_ATTR):
         delattr(root, SHARED_ATTR)
     object.__delattr__(root, STATE_ATTR)
@@ -214,7 +404,8 @@ def _restore(model: nn.Module, *, merged: bool) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Put the original modules back (unmerging first if needed); returns the same model."""
+    """Put the original modules back (unmerging first if needed), dropping every adapter;
+    returns the same model."""
     return _restore(model, merged=False)
 
 
@@ -222,12 +413,14 @@ def unload(model: nn.Module) -> nn.Module:
 def merge_and_unload(
     model: nn.Module,
     *,
+    name: str | None = None,
     dtype: torch.dtype | None = None,
     probe: Tensor | dict[str, Tensor] | None = None,
     atol: float = 1e-4,
 ) -> nn.Module:
-    """Merge every adapter into its base and remove the wrappers: a plain model with zero
-    inference latency. ``modules_to_save`` copies replace their originals.
+    """Merge the active adapters (or adapter ``name``) into their bases and remove every
+    wrapper: a plain model with zero inference latency. Other adapters are dropped; the merged
+    adapters' ``modules_to_save`` copies replace their originals.
 
     An NF4 base is dequantised and replaced by a plain ``nn.Linear`` of ``dtype`` (default: its
     compute dtype) holding ``dequant(W) + ΔW``. With ``probe`` (an input batch, or the keyword
@@ -235,24 +428,44 @@ def merge_and_unload(
     returning, and a difference above ``atol`` raises instead of returning a wrong model.
     """
     root = unwrap(model)
-    get_state(root)
+    state = model_state(root)
+    if name is not None:
+        check_name(root, name)
+        set_adapter(root, name)
+    keep = list(state.active)
+    if not keep:
+        raise ValueError("no adapter is active; pass name= or call peftkit.set_adapter first")
     was_training = root.training
     expected = None
     if probe is not None:
         root.eval()
         expected = _logits(root(**probe) if isinstance(probe, dict) else root(probe))
-    for name, layer in list(adapters(root)):
-        if layer.merged:
-            continue
-        if layer.kind == NF4:
-            _set_module_and_merge_nf4(root, name, layer, dtype)
-            continue
-        layer.merge()
+    for other in [n for n in state.names() if n not in keep]:
+        if any(a.merged for _, a in adapters(root, other)):
+            raise ValueError(f"adapter {other!r} is merged but not active; unmerge(model) first")
+        delete_adapter(root, other)
+    nf4_dtypes: dict[str, torch.dtype] = {}
+    for path, holder in list(adapted_layers(root)):
+        if layer_kind(holder.base) == NF4:
+            nf4_dtypes[path] = dtype or base_dtype(holder.base)
+            w = holder.base.dequantize()  # type: ignore[operator]
+            dense = _dense_from_nf4(holder.base, w, torch.promote_types(w.dtype, torch.float32))
+            holder.base = dense
+            for a in holder.adapters.values():
+                a.base = dense
+                a.kind = "linear"
+        for a in holder.adapters.values():
+            if not a.merged:
+                a.merge()
     tied = any(a.weight_tied for _, a in adapters(root))
     _restore(root, merged=True)
-    for name, m in list(root.named_modules()):
-        if name and layer_kind(m) == NF4:  # a plain model: no quantised layer left behind
-            _set_module(root, name, _dense_from_nf4(m, m.dequantize(), dtype))
+    for path, out_dtype in nf4_dtypes.items():
+        lin = root.get_submodule(path)
+        for t in lin.parameters():
+            t.data = t.data.to(out_dtype)
+    for path, m in list(root.named_modules()):
+        if path and layer_kind(m) == NF4:  # a plain model: no quantised layer left behind
+            _set_module(root, path, _dense_from_nf4(m, m.dequantize(), dtype))
     cfg = getattr(root, "config", None)
     if tied and cfg is not None and getattr(cfg, "tie_word_embeddings", False):
         cfg.tie_word_embeddings = False  # the merged embedding no longer equals the head
@@ -307,12 +520,3 @@ def _dense_from_nf4(base: nn.Module, weight: Tensor, dtype: torch.dtype | None) 
     if isinstance(bias, Tensor):
         dense.bias.copy_(bias.to(out_dtype))
     return dense.requires_grad_(False).train(base.training)
-
-
-def _set_module_and_merge_nf4(
-    root: nn.Module, name: str, layer: Adapter, dtype: torch.dtype | None
-) -> None:
-    dense = _dense_from_nf4(layer.base, layer.merged_weight(), dtype or base_dtype(layer.base))
-    layer.base = dense
-    layer.kind = "linear"
-    layer.merged = True

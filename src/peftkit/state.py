@@ -21,20 +21,23 @@ from torch import Tensor, nn
 
 from .core import (
     CONV1D,
+    DEFAULT,
     EMBEDDING,
+    PEFT_PREFIX,
     Adapter,
-    ModulesToSave,
     adapters,
-    get_state,
+    focused,
+    model_state,
+    modules_to_save,
     stored_weight,
     unwrap,
 )
-from .inject import SHARED_ATTR, adapt, unload
+from .inject import adapt, delete_adapter
 from .methods import METHODS, method_for_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
+PREFIX = PEFT_PREFIX
 
 
 def _get(module: nn.Module, dotted: str) -> Tensor:
@@ -46,22 +49,26 @@ def _get(module: nn.Module, dotted: str) -> Tensor:
     return t
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """The adapter's tensors under their PEFT keys (live tensors, not copies)."""
+def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tensor]:
+    """One adapter's tensors under their PEFT keys (live tensors, not copies); ``name``
+    defaults to the focused, the only or the first active adapter."""
     root = unwrap(model)
-    out: dict[str, Tensor] = {}
-    for name, layer in adapters(root):
-        for local, suffix in layer.peft_keys().items():
-            out[f"{PREFIX}{name}.{suffix}"] = _get(layer, local)
-    for name, m in root.named_modules():
-        if isinstance(m, ModulesToSave):
-            for pname, t in m.trained.state_dict(keep_vars=True).items():
-                out[f"{PREFIX}{name}.{pname}"] = t
-    shared = getattr(root, SHARED_ATTR, None)
-    keys = getattr(shared, "peft_keys", None)
-    if shared is not None and callable(keys):
-        for local, key in keys().items():
-            out[key] = _get(shared, local)
+    state = model_state(root)
+    with focused(root, name):
+        current = state.current()
+        out: dict[str, Tensor] = {}
+        for path, layer in adapters(root, current):
+            for local, suffix in layer.peft_keys().items():
+                out[f"{PREFIX}{path}.{suffix}"] = _get(layer, local)
+        for path, m in modules_to_save(root):
+            if current in m.copies:
+                for pname, t in m.copies[current].state_dict(keep_vars=True).items():
+                    out[f"{PREFIX}{path}.{pname}"] = t
+        shared = state.adapters[current].shared
+        keys = getattr(shared, "peft_keys", None)
+        if shared is not None and callable(keys):
+            for local, key in keys().items():
+                out[key] = _get(shared, local)
     return out
 
 
@@ -139,31 +146,51 @@ def write_adapter_files(
     return out
 
 
-def config_dict(model: nn.Module) -> dict[str, Any]:
+def config_dict(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     root = unwrap(model)
-    state = get_state(root)
-    assert state is not None
-    d = state.config.to_dict()
-    layers = list(adapters(root))
+    state = model_state(root)
+    with focused(root, name):
+        current = state.current()
+        d = state.adapters[current].config.to_dict()
+        layers = list(adapters(root, current))
     if d.get("target_modules") == "all-linear":
-        d["target_modules"] = [name for name, _ in layers]  # as PEFT saves it
+        d["target_modules"] = [path for path, _ in layers]  # as PEFT saves it
     d["fan_in_fan_out"] = any(a.kind == CONV1D for _, a in layers)
     d["base_model_name_or_path"] = getattr(root, "name_or_path", None) or None
     return d
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Write the adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's
-    layout; PEFT's ``PeftModel.from_pretrained`` loads it). Atomic; under FSDP2 the shards are
-    gathered and rank 0 alone writes."""
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], *, name: str | None = None
+) -> Path:
+    """Write adapters as ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's
+    layout; PEFT's ``PeftModel.from_pretrained`` loads it). Atomic per file; under FSDP2 the
+    shards are gathered and rank 0 alone writes.
+
+    With ``name``, that adapter alone is written at ``directory``. Without it, a model with one
+    adapter writes it there, and a model with several writes PEFT's multi-adapter layout: the
+    adapter named ``"default"`` at ``directory`` and every other one in ``directory/<name>/``
+    (PEFT reads those with ``load_adapter(directory/<name>, adapter_name=<name>)``)."""
     root = unwrap(model)
-    state = get_state(root)
-    assert state is not None
-    d = config_dict(root)
-    tensors = dict(adapter_tensors(root))
-    method = METHODS[state.config.method]
-    if method.on_save is not None:
-        method.on_save(root, d, tensors)
+    state = model_state(root)
+    if name is not None or len(state.adapters) == 1:
+        return _save_one(root, directory, name)
+    out = Path(directory)
+    for n in state.names():
+        _save_one(root, out if n == DEFAULT else out / n, n)
+    return out
+
+
+def _save_one(root: nn.Module, directory: str | os.PathLike[str], name: str | None) -> Path:
+    state = model_state(root)
+    with focused(root, name):
+        current = state.current()
+    with focused(root, current):
+        d = config_dict(root)
+        tensors = dict(adapter_tensors(root))
+        method = METHODS[state.adapters[current].config.method]
+        if method.on_save is not None:
+            method.on_save(root, d, tensors)
     return write_adapter_files(directory, d, tensors)
 
 
@@ -196,10 +223,11 @@ def read_adapter_tensors(directory: str | os.PathLike[str]) -> dict[str, Tensor]
         raise ValueError(f"{path}: unreadable or corrupted safetensors file ({e})") from None
 
 
-def _adapter_at(root: nn.Module, name: str) -> Adapter:
-    layer = root.get_submodule(name)
-    assert isinstance(layer, Adapter)
-    return layer
+def _adapter_at(root: nn.Module, path: str) -> Adapter:
+    state = model_state(root)
+    found = [a for p, a in adapters(root, state.current()) if p == path]
+    assert len(found) == 1
+    return found[0]
 
 
 def _diff_message(
@@ -223,32 +251,81 @@ def _diff_message(
     return "; ".join(parts)
 
 
-def load_adapter(
-    model: nn.Module, directory: str | os.PathLike[str], trainable: bool = False
-) -> nn.Module:
-    """Adapt ``model`` (not yet adapted) from the folder's config and load its tensors strictly.
+def adapter_folders(directory: str | os.PathLike[str]) -> dict[str, Path]:
+    """The adapters in a folder that PEFT or :func:`save_adapter` wrote: ``"default"`` for the
+    folder itself (when it holds an ``adapter_config.json``) and each subfolder that holds one,
+    by its name."""
+    path = Path(directory)
+    found: dict[str, Path] = {}
+    if (path / CONFIG_NAME).is_file():
+        found[DEFAULT] = path
+    if path.is_dir():
+        for sub in sorted(path.iterdir()):
+            if sub.is_dir() and (sub / CONFIG_NAME).is_file():
+                found[sub.name] = sub
+    return found
 
-    Reads peftkit's and PEFT's files. With ``trainable=False`` the model is frozen and put in
-    eval mode, as PEFT's ``from_pretrained`` does. On any error the model is left unadapted."""
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    trainable: bool = False,
+) -> nn.Module:
+    """Load the adapter in ``directory`` (peftkit's or PEFT's files) as adapter ``name``,
+    strictly: adapts the model from the folder's config, then loads every tensor.
+
+    ``name=None`` loads the whole folder: the adapter at its root as ``"default"`` and each
+    subfolder adapter (PEFT's multi-adapter layout) under its folder's name. An adapted model
+    gets them as more adapters (a name in use is an error); a model with no adapter gets the
+    first one active. With ``trainable=False`` the loaded adapters are frozen and the model is
+    put in eval mode, as PEFT's ``from_pretrained`` does. On any error the model is left as it
+    was."""
+    if name is not None:
+        return _load_one(model, directory, name, trainable)
+    found = adapter_folders(directory)
+    if not found:
+        read_adapter_config(directory)  # the one-line error for a missing/odd folder
+    done: list[str] = []
+    try:
+        for n, path in found.items():
+            _load_one(model, path, n, trainable)
+            done.append(n)
+    except BaseException:
+        for n in reversed(done):
+            delete_adapter(model, n)
+        raise
+    return model
+
+
+def _load_one(
+    model: nn.Module, directory: str | os.PathLike[str], name: str, trainable: bool
+) -> nn.Module:
     d = read_adapter_config(directory)
     source = str(Path(directory) / CONFIG_NAME)
     method = method_for_dict(d, source=source)
     config = method.config_cls.from_dict(d, source=source)
     tensors = read_adapter_tensors(directory)
     try:
-        adapt(model, config)
+        adapt(model, config, name=name)
     except (ValueError, TypeError) as e:
         # Note: e.g. target_modules naming modules this model lacks: say which file asked.
         raise type(e)(f"{source}: {e}") from None
     try:
-        _load_tensors(model, d, tensors, Path(directory) / WEIGHTS_NAME)
+        with focused(model, name):
+            _load_tensors(model, d, tensors, Path(directory) / WEIGHTS_NAME)
     except BaseException:
-        unload(model)
+        delete_adapter(model, name)
         raise
     root = unwrap(model)
     if not trainable:
-        for p in root.parameters():
-            p.requires_grad_(False)
+        for _, a in adapters(root, name):
+            for p in a.parameters():
+                p.requires_grad_(False)
+        for _, m in modules_to_save(root):
+            if name in m.copies:
+                m.copies[name].requires_grad_(False)
         root.eval()
     return model
 
@@ -258,15 +335,14 @@ def _load_tensors(
     model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor], path: Path
 ) -> None:
     root = unwrap(model)
-    state = get_state(root)
-    assert state is not None
+    state = model_state(root)
     method = METHODS[state.config.method]
     if method.on_load is not None:
         tensors = method.on_load(root, d, tensors)
     expected = adapter_tensors(root)
     given: dict[str, Tensor] = {}
     base_weights: dict[str, Tensor] = {}
-    layer_names = {name for name, a in adapters(root) if a.kind == EMBEDDING}
+    layer_names = {path for path, a in adapters(root, state.current()) if a.kind == EMBEDDING}
     for k, v in tensors.items():
         key = k if k in expected else k.replace(".default.", ".")
         if (
@@ -310,9 +386,14 @@ def _load_tensors(
 
 
 def export_lora(
-    model: nn.Module, directory: str | os.PathLike[str], *, rank: int | None = None
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    name: str | None = None,
 ) -> Path:
-    """Write a plain PEFT LoRA that reproduces the adapted model's current outputs.
+    """Write a plain PEFT LoRA that reproduces adapter ``name``'s outputs (default: the only or
+    the first active adapter).
 
     Each adapter gives exact factors ``B A = ΔW`` (the scale folded into B, so ``lora_alpha``
     equals each module's rank); ranks that differ per module go to ``rank_pattern`` and
@@ -320,12 +401,13 @@ def export_lora(
     has no exact low-rank form raises and names ``merge_and_unload`` instead.
     """
     root = unwrap(model)
-    state = get_state(root)
-    assert state is not None
+    state = model_state(root)
+    with focused(root, name):
+        current = state.current()
     factors: dict[str, tuple[Tensor, Tensor, bool]] = {}
-    for name, layer in adapters(root):
+    for path, layer in adapters(root, current):
         a, b = layer.lora_factors(rank)
-        factors[name] = (a, b, layer.kind == EMBEDDING)
+        factors[path] = (a, b, layer.kind == EMBEDDING)
     if not factors:
         raise ValueError("model has no adapter layers to export")
     ranks = {name: int(a.shape[0]) for name, (a, _, _) in factors.items()}
@@ -337,10 +419,10 @@ def export_lora(
         )
         tensors[f"{PREFIX}{name}.{ka}"] = a
         tensors[f"{PREFIX}{name}.{kb}"] = b
-    for name, m in root.named_modules():
-        if isinstance(m, ModulesToSave):
-            for pname, t in m.trained.state_dict().items():
-                tensors[f"{PREFIX}{name}.{pname}"] = t
+    saved = [(path, m) for path, m in modules_to_save(root) if current in m.copies]
+    for path, m in saved:
+        for pname, t in m.copies[current].state_dict().items():
+            tensors[f"{PREFIX}{path}.{pname}"] = t
     d: dict[str, Any] = {
         "peft_type": "LORA",
         "r": r,
@@ -355,9 +437,8 @@ def export_lora(
         "bias": "none",
         # Note: every module trained in full, by path (LongLoRA's ``trainable`` adds some that
         # ``config.modules_to_save`` does not name); the tensors above hold all of them.
-        "modules_to_save": [n for n, m in root.named_modules() if isinstance(m, ModulesToSave)]
-        or None,
-        "fan_in_fan_out": any(a.kind == CONV1D for _, a in adapters(root)),
+        "modules_to_save": [path for path, _ in saved] or None,
+        "fan_in_fan_out": any(a.kind == CONV1D for _, a in adapters(root, current)),
         "base_model_name_or_path": getattr(root, "name_or_path", None) or None,
         "task_type": None,
         "inference_mode": True,

@@ -40,7 +40,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
-from ..core import EMBEDDING, Adapter, adapters, base_device, base_dtype, get_state, layer_kind
+from ..core import (
+    EMBEDDING,
+    PEFT_PREFIX,
+    Adapter,
+    adapters,
+    base_device,
+    base_dtype,
+    get_state,
+    layer_kind,
+)
 from .lora import LORA_UNSUPPORTED
 from .registry import LayerSpec, Method
 
@@ -218,6 +227,9 @@ class AdaLoraLayer(Adapter):
 
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling  # (out, r)@(r, in)
+
+    def factors(self) -> tuple[Tensor, Tensor] | None:
+        return self.lora_A * self.lora_E, self.lora_B * self.scaling  # (r, in), (out, r)
 
     def lora_factors(self, rank: int | None = None) -> tuple[Tensor, Tensor]:
         """The surviving triplets (E ≠ 0) as ``(A ⊙ E, B · s)``: exactly this layer's ΔW."""
@@ -430,7 +442,6 @@ def rank_pattern(model: nn.Module) -> dict[str, list[bool]] | None:
 
 
 def on_save(model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-    from ..state import PREFIX
 
     state = get_state(model)
     assert state is not None
@@ -447,7 +458,7 @@ def on_save(model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor]) -> 
     for name, layer in _layers(model):
         keep = layer.rank_mask.nonzero().view(-1)  # (r_k,)
         for suffix, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
-            key = f"{PREFIX}{name}.{suffix}"
+            key = f"{PEFT_PREFIX}{name}.{suffix}"
             tensors[key] = tensors[key].detach().index_select(dim, keep)
 
 

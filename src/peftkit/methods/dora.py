@@ -425,6 +425,18 @@ class DoraLayer(LoraLayer):
     def update(self, x: Tensor) -> Tensor:
         raise TypeError("DoRA is not an additive branch; call the layer itself")
 
+    def row_scale(self) -> Tensor | None:
+        """g = m / ‖W + sBA‖ (the norm detached, as in the paper)."""
+        return self.lora_magnitude_vector / _safe(self.weight_norm()).to(
+            self.lora_magnitude_vector.dtype
+        )
+
+    def add_to(self, x: Tensor, out: Tensor) -> Tensor:
+        if self.disabled or self.merged:
+            return out
+        base = self.base(x)
+        return out + (self(x) - base).to(out.dtype)
+
     # -- merging ----------------------------------------------------------------------------------
     @torch.no_grad()
     def _direction(self) -> tuple[Tensor, Tensor]:

@@ -157,6 +157,11 @@ class DoraDynamicLayer(Adapter):
     def delta_weight(self) -> Tensor:
         return (self.lora_B * self.gate()) @ self.lora_A  # (out, r0) @ (r0, in) -> (out, in)
 
+    def factors(self) -> tuple[Tensor, Tensor] | None:
+        if self.kind == EMBEDDING:
+            return None
+        return self.lora_A, self.lora_B * self.gate()
+
     @torch.no_grad()
     def importance(self) -> Tensor:
         """s_i = ‖c_i m_i B[:, i] A[i, :]‖_F / (‖B diag(c ⊙ m) A‖_F + ε), in fp32, shape (r₀,)."""

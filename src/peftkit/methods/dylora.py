@@ -174,6 +174,11 @@ class DyLoraLayer(Adapter):
             h = F.linear(x.to(a.dtype), a)  # (..., r)
         return F.linear(h * coef.to(h.dtype), b)  # (..., r) ⊙ (r,) -> (..., out)
 
+    def factors(self) -> tuple[Tensor, Tensor] | None:
+        if self.kind == EMBEDDING or self.training:
+            return None  # training draws a rank per step: the per-adapter path runs update()
+        return self.lora_A, self.lora_B * self.eval_coef.to(self.lora_B.dtype)
+
     def delta_weight(self) -> Tensor:
         """ΔW at the evaluation rank b: (α/b) · B[:, :b] A[:b]."""
         return (self.lora_B * self.eval_coef.to(self.lora_B.dtype)) @ self.lora_A  # (out, in)

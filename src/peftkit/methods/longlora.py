@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, _as_tuple, check_finite_number
-from ..core import Adapter, ModulesToSave, Switchable
+from ..core import AdaptedLayer, Adapter, ModulesToSave, Switchable, model_state
 from . import dora, lora
 from .lora import LoraConfig
 from .registry import LayerSpec, Method
@@ -152,7 +152,9 @@ def trainable_modules(
     for name, m in model.named_modules():
         if not name or not any(name.endswith(k) for k in config.trainable):
             continue
-        if isinstance(m, (Adapter, ModulesToSave)) or any(_related(name, t) for t in names):
+        if isinstance(m, (Adapter, AdaptedLayer, ModulesToSave)) or any(
+            _related(name, t) for t in names
+        ):
             continue
         if not any(name.startswith(f + ".") for f in found):
             found.append(name)
@@ -227,7 +229,7 @@ def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> Adapt
 def on_save(model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor]) -> None:
     """List the trained embeddings and norms in ``modules_to_save`` (full paths), so that PEFT
     restores them."""
-    state = getattr(model, "peftkit_shared", None)
+    state = model_state(model).shared
     trained = state.trained if isinstance(state, LongLoraState) else []
     names = list(dict.fromkeys([*(d.get("modules_to_save") or []), *trained]))
     d["modules_to_save"] = names or None

@@ -243,6 +243,11 @@ class LoraLayer(Adapter):
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
 
+    def factors(self) -> tuple[Tensor, Tensor] | None:
+        if self.kind == EMBEDDING:
+            return None
+        return self.lora_A, self.lora_B * self.scaling  # (r, in), (out, r)
+
     def lora_factors(self, rank: int | None = None) -> tuple[Tensor, Tensor]:
         if rank is not None and rank != self.r:
             raise ValueError(

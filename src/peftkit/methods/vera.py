@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
-from ..core import EMBEDDING, Adapter, base_device, base_dtype, layer_kind, layer_shape
+from ..core import (
+    EMBEDDING,
+    Adapter,
+    base_device,
+    base_dtype,
+    layer_kind,
+    layer_shape,
+    model_state,
+)
 from .registry import LayerSpec, Method
 
 
@@ -181,6 +189,11 @@ class VeraLayer(Adapter):
         h = F.linear(x, a.to(x.dtype)) * self.lambda_d  # (..., r)
         return F.linear(h, b.to(x.dtype)) * self.lambda_b  # (..., out)
 
+    def factors(self) -> tuple[Tensor, Tensor] | None:
+        a, b = self._sliced()
+        dt = self.lambda_d.dtype
+        return self.lambda_d[:, None] * a.to(dt), self.lambda_b[:, None] * b.to(dt)
+
     def delta_weight(self) -> Tensor:
         a, b = self._sliced()
         # (out, r) @ (r, in) -> (out, in)
@@ -243,7 +256,7 @@ def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> VeraL
 def on_load(model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """A ``save_projection=False`` file may still carry projections: PEFT ignores them and
     regenerates from the key. Accept them only if they are what the key regenerates."""
-    shared = getattr(model, "peftkit_shared", None)
+    shared = model_state(model).shared
     if not isinstance(shared, VeraProjections) or shared.save_projection:
         return tensors
     out = dict(tensors)

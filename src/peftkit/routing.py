@@ -1,0 +1,460 @@
+"""Mixed-adapter batches: each row, or each token, of one batch through its own adapter.
+
+    with peftkit.route(model, ["math", "code", None, "math"]):   # one name per row; None = base
+        logits = model(input_ids).logits                         # or model.generate(...)
+
+The one limitation of LoRA that its paper names is that inputs needing different A and B are hard
+to batch. Here every adapted layer runs its base once on the whole batch and adds each row's own
+update. For an update of LoRA form, ``x Aᵢᵀ B'ᵢᵀ`` (LoRA, rsLoRA, LoRA-FA, VeRA, AdaLoRA,
+DyLoRA at its set rank, DoRA-Mao, LongLoRA's LoRA part, DoRA's direction), the factors of the
+adapters in use are stacked (ranks zero-padded to the largest) and applied with two batched
+matmuls, with no Python loop over adapters:
+
+* per row (``(B,)``): the stack is gathered per row: ``h = bmm(x, A[row]ᵀ)``,
+  ``y = bmm(h, B'[row]ᵀ)``;
+* per token (``(B, T)``, or ``(N,)`` for a packed batch): tokens are grouped by adapter once per
+  forward (the plan is cached on the route), padded into ``(U, L, in)`` and multiplied the same way.
+
+DoRA's magnitude is a per-row factor g = m/‖W + sBA‖ applied to the base output and the update.
+MoRA, embeddings and updates with per-adapter dropout in training run per adapter on the rows
+that use it (a loop over the adapters in use: correct first). Delta-LoRA writes into W, which
+every row shares, so it cannot be mixed: :func:`route` refuses it and names its exact export.
+
+The route is decided once per forward: names become one index tensor, checked once, kept on the
+model's state, where every layer reads it. ``generate`` repeats each row for beams and
+``num_return_sequences``; the route reads that from the batch (rows repeated in groups) at the
+first forward and expands the index in one place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .core import (
+    EMBEDDING,
+    AdaptedLayer,
+    Adapter,
+    ModelState,
+    ModulesToSave,
+    adapters,
+    get_state,
+    unwrap,
+)
+
+ROW, TOKEN, PACKED = "row", "token", "packed"
+
+
+class Route:
+    """One mixed batch's adapter index, in the model's adapter numbering (−1 = base), with the
+    per-layer plans derived from it. Built by :func:`route`; layers read it, users don't."""
+
+    def __init__(self, state: ModelState, ids: Tensor, kind: str, names: list[str]) -> None:
+        self.state = state
+        self.ids = ids  # (B,), (B, T) or (N,), long, on the CPU
+        self.kind = kind
+        self.names = names
+        self.factor: int | None = None  # rows repeated by generate (beams × return sequences)
+        self._plans: dict[Any, Any] = {}
+        self._device_ids: dict[torch.device, Tensor] = {}
+
+    # -- the batch the model was called with ------------------------------------------------------
+    def observe(self, batch: Tensor | None) -> None:
+        """Check the model's input against the index (first forward) and learn ``generate``'s
+        row expansion: ``k·B`` rows arriving as ``B`` groups of ``k`` identical rows."""
+        if batch is None or self.kind == PACKED:
+            return
+        rows = int(batch.shape[0])
+        if self.kind == TOKEN:
+            if tuple(batch.shape[:2]) != tuple(self.ids.shape):
+                raise ValueError(
+                    f"route has per-token adapters of shape {tuple(self.ids.shape)}, but the "
+                    f"model got input of shape {tuple(batch.shape[:2])}; per-token routing "
+                    "needs the same (rows, tokens) (for generate, give one adapter per row)"
+                )
+            return
+        n = int(self.ids.shape[0])
+        if self.factor is not None and rows == n * self.factor:
+            return
+        if rows == n:
+            self.factor = 1
+            return
+        if rows % n == 0 and rows > n:
+            k = rows // n
+            grouped = batch.reshape(n, k, *batch.shape[1:])
+            if bool((grouped == grouped[:, :1]).all()):
+                self.factor = k
+                self._plans.clear()
+                return
+        raise ValueError(
+            f"route was given {n} adapter names/ids (one per row), but the batch has {rows} rows"
+        )
+
+    def _ids_on(self, device: torch.device) -> Tensor:
+        t = self._device_ids.get(device)
+        if t is None:
+            t = self.ids.to(device)
+            self._device_ids[device] = t
+        return t
+
+    def token_ids(self, lead: tuple[int, ...], device: torch.device) -> Tensor:
+        """The model-numbered adapter of each of the ``prod(lead)`` positions of a layer input
+        whose leading shape is ``lead`` (rows first), flattened."""
+        key = ("ids", lead, device)
+        got = self._plans.get(key)
+        if got is not None:
+            return got  # type: ignore[no-any-return]
+        ids = self._ids_on(device)
+        n = 1
+        for d in lead:
+            n *= d
+        if self.kind == PACKED:
+            if n != ids.numel():
+                raise ValueError(
+                    f"route has {ids.numel()} per-token adapters for a packed batch, but a layer "
+                    f"got {n} positions (input of leading shape {lead})"
+                )
+            out = ids
+        elif self.kind == TOKEN:
+            if tuple(lead) == tuple(ids.shape):
+                out = ids.reshape(-1)
+            else:
+                raise ValueError(
+                    f"route has per-token adapters of shape {tuple(ids.shape)}, but a layer got "
+                    f"input of leading shape {lead}"
+                )
+        else:
+            rows = ids if not self.factor or self.factor == 1 else ids.repeat_interleave(
+                self.factor
+            )
+            if not lead or lead[0] != rows.numel():
+                raise ValueError(
+                    f"route has {ids.numel()} adapter names/ids (one per row"
+                    + (f", × {self.factor} rows each from generate" if self.factor != 1 else "")
+                    + f"), but a layer got input of leading shape {lead}"
+                )
+            out = rows.repeat_interleave(n // lead[0]) if n != lead[0] else rows
+        self._plans[key] = out
+        return out
+
+    def per_row(self, lead: tuple[int, ...]) -> bool:
+        return self.kind == ROW and len(lead) >= 1
+
+    def plan(self, key: Any, build: Any) -> Any:
+        got = self._plans.get(key)
+        if got is None:
+            got = build()
+            self._plans[key] = got
+        return got
+
+
+# -- per layer ------------------------------------------------------------------------------------
+def _slot_map(layer: AdaptedLayer, state: ModelState, device: torch.device) -> Tensor:
+    """``m[i + 1]`` = the position in ``layer.adapters`` of the model's adapter i (−1 if this
+    layer lacks it); ``m[0] = −1`` for the base."""
+    key = (state.generation, tuple(state.adapters), device)
+    cached = layer.__dict__.get("_peftkit_slot_map")
+    if cached is not None and cached[0] == key:
+        return cached[1]  # type: ignore[no-any-return]
+    local = list(layer.adapters)
+    m = torch.tensor(
+        [-1] + [local.index(n) if n in layer.adapters else -1 for n in state.adapters],
+        dtype=torch.long,
+        device=device,
+    )
+    layer.__dict__["_peftkit_slot_map"] = (key, m)
+    return m
+
+
+def _versions(mods: Sequence[nn.Module]) -> tuple[Any, ...]:
+    return tuple(
+        (id(t), t._version)
+        for m in mods
+        for t in itertools.chain(m.parameters(), m.buffers())
+    )
+
+
+def _stack(layer: AdaptedLayer, used: list[int]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(A (U, r, in), B' (U, out, r), g (U, out) or None)`` of the adapters at ``used``,
+    ranks zero-padded to the largest; cached while nothing can change (no grad, same versions)."""
+    ads: list[Adapter] = [list(layer.adapters.values())[i] for i in used]  # type: ignore[misc]
+    caching = not torch.is_grad_enabled()
+    key = (tuple(used), _versions(ads)) if caching else None
+    cache = layer.__dict__.get("_peftkit_stack")
+    if caching and cache is not None and cache[0] == key:
+        return cache[1]  # type: ignore[no-any-return]
+    pairs = [a.factors() for a in ads]
+    assert all(p is not None for p in pairs)
+    r = max(int(p[0].shape[0]) for p in pairs)  # type: ignore[index]
+    a_st = torch.stack([F.pad(p[0], (0, 0, 0, r - p[0].shape[0])) for p in pairs])  # type: ignore[index]
+    b_st = torch.stack([F.pad(p[1], (0, r - p[1].shape[1])) for p in pairs])  # type: ignore[index]
+    scales = [a.row_scale() for a in ads]
+    g = None
+    if any(s is not None for s in scales):
+        one = torch.ones(layer_out(layer), dtype=b_st.dtype, device=b_st.device)
+        g = torch.stack([one if s is None else s.to(b_st.dtype) for s in scales])  # (U, out)
+    got = (a_st, b_st, g)
+    if caching:
+        layer.__dict__["_peftkit_stack"] = (key, got)
+    return got
+
+
+def layer_out(layer: AdaptedLayer) -> int:
+    return int(next(iter(layer.adapters.values())).out_features)  # type: ignore[attr-defined]
+
+
+def _factor_form(ads: list[Adapter], x: Tensor, args: tuple[Any, ...], kw: dict[str, Any]) -> bool:
+    if args or kw or not ads:
+        return False
+    for a in ads:
+        if a.kind == EMBEDDING or type(a).factors is Adapter.factors:
+            return False
+        if a.training and torch.is_grad_enabled() and not isinstance(a.dropout, nn.Identity):
+            return False
+    return all(a.factors() is not None for a in ads)
+
+
+def _bias(layer: AdaptedLayer) -> Tensor | None:
+    b = getattr(layer.base, "bias", None)
+    return b if isinstance(b, Tensor) else None
+
+
+def routed_forward(
+    layer: AdaptedLayer, route: Route, x: Tensor, *args: Any, **kwargs: Any
+) -> Tensor:
+    """``layer``'s output with each position's own adapter (see the module docstring)."""
+    out: Tensor = layer.base(x, *args, **kwargs)
+    kind = next(iter(layer.adapters.values())).kind  # type: ignore[attr-defined]
+    lead = tuple(x.shape) if kind == EMBEDDING else tuple(x.shape[:-1])
+    ids = route.token_ids(lead, x.device)
+    slots = _slot_map(layer, route.state, x.device)[ids + 1]  # (n,) local slot or −1
+
+    def used_slots() -> list[int]:
+        return sorted(int(u) for u in torch.unique(slots).tolist() if u >= 0)
+
+    used: list[int] = route.plan(("used", id(layer.__dict__.get("_peftkit_slot_map")), lead),
+                                 used_slots)
+    if not used:
+        return out
+    all_ads = list(layer.adapters.values())
+    ads: list[Adapter] = [all_ads[i] for i in used]  # type: ignore[misc]
+    if not _factor_form(ads, x, args, kwargs):
+        return _per_adapter(layer, ads, used, slots, x, out, kind)
+    a_st, b_st, g = _stack(layer, used)
+    n_out = out.shape[-1]
+    dt = a_st.dtype
+    if route.per_row(lead):
+        rows = lead[0]
+
+        def row_plan() -> tuple[Tensor, bool]:
+            per_row = slots.view(rows, -1)[:, 0]  # (rows,)
+            pos = torch.full_like(per_row, len(used))
+            for j, u in enumerate(used):
+                pos[per_row == u] = j
+            return pos, bool((per_row < 0).any())
+
+        pos, has_base = route.plan(("rows", id(layer.__dict__.get("_peftkit_slot_map")), lead),
+                                   row_plan)
+        if has_base:  # a zero slot for rows that use the base
+            a_st = torch.cat([a_st, a_st.new_zeros(1, *a_st.shape[1:])])
+            b_st = torch.cat([b_st, b_st.new_zeros(1, *b_st.shape[1:])])
+            if g is not None:
+                g = torch.cat([g, g.new_ones(1, g.shape[1])])
+        x3 = x.reshape(rows, -1, x.shape[-1]).to(dt)  # (rows, T, in)
+        h = torch.bmm(x3, a_st[pos].transpose(1, 2))  # (rows, T, in) @ (rows, in, r)
+        y = torch.bmm(h, b_st[pos].transpose(1, 2))  # (rows, T, r) @ (rows, r, out)
+        y = y.reshape(out.shape).to(out.dtype)
+        if g is None:
+            return out + y
+        gr = g[pos].to(out.dtype).view(rows, *([1] * (out.dim() - 2)), n_out)  # (rows, 1.., out)
+        b = _bias(layer)
+        if b is None:
+            return gr * (out + y)
+        return gr * (out - b + y) + b
+    # per token: group positions by adapter, pad, two batched matmuls, scatter back
+    n = slots.numel()
+
+    def token_plan() -> tuple[Tensor, Tensor, int, Tensor]:
+        pos = torch.full_like(slots, -1)
+        for j, u in enumerate(used):
+            pos[slots == u] = j
+        valid = (pos >= 0).nonzero().squeeze(1)  # (k,) positions that use an adapter
+        grp = pos[valid]
+        order = torch.argsort(grp, stable=True)
+        tok = valid[order]  # positions sorted by group
+        counts = torch.bincount(grp, minlength=len(used))
+        width = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        g_sorted = grp[order]
+        dest = g_sorted * width + (torch.arange(tok.numel(), device=tok.device) - starts[g_sorted])
+        return tok, dest, width, pos
+
+    tok, dest, width, pos = route.plan(
+        ("tokens", id(layer.__dict__.get("_peftkit_slot_map")), lead), token_plan
+    )
+    xf = x.reshape(n, x.shape[-1]).to(dt)
+    xp = xf.new_zeros(len(used) * width, xf.shape[-1]).index_copy(0, dest, xf[tok])
+    h = torch.bmm(xp.view(len(used), width, -1), a_st.transpose(1, 2))  # (U, L, r)
+    y = torch.bmm(h, b_st.transpose(1, 2)).reshape(-1, n_out)  # (U·L, out)
+    of = out.reshape(n, n_out)
+    if g is None:
+        return of.index_add(0, tok, y[dest].to(out.dtype)).view(out.shape)
+    ext = torch.cat([g, g.new_ones(1, n_out)]).to(out.dtype)  # base positions: g = 1
+    gt = ext[torch.where(pos >= 0, pos, len(used))]  # (n, out)
+    full = of.new_zeros(n, n_out).index_add(0, tok, y[dest].to(out.dtype))
+    b = _bias(layer)
+    res = gt * (of + full) if b is None else gt * (of - b + full) + b
+    return res.view(out.shape)
+
+
+def _per_adapter(
+    layer: AdaptedLayer,
+    ads: list[Adapter],
+    used: list[int],
+    slots: Tensor,
+    x: Tensor,
+    out: Tensor,
+    kind: str,
+) -> Tensor:
+    """The reference path: each adapter in use on the positions that use it."""
+    n = slots.numel()
+    xf = x.reshape(n) if kind == EMBEDDING else x.reshape(n, x.shape[-1])
+    of = out.reshape(n, out.shape[-1])
+    for u, a in zip(used, ads, strict=True):
+        sel = (slots == u).nonzero().squeeze(1)
+        of = of.index_copy(0, sel, a.add_to(xf[sel], of[sel]))
+    return of.view(out.shape)
+
+
+def routed_copies(m: ModulesToSave, route: Route, *args: Any, **kwargs: Any) -> Any:
+    """A ``modules_to_save`` module in a mixed batch: each row or token through its adapter's
+    trained copy (the original where its adapter has none, or for base rows)."""
+    out = m.original(*args, **kwargs)
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"modules_to_save module {type(m.original).__name__} returns "
+            f"{type(out).__name__}; mixed-adapter batches need a tensor output"
+        )
+    lead = tuple(out.shape[:-1]) if out.dim() > 1 else tuple(out.shape)
+    ids = route.token_ids(lead, out.device)  # (n,)
+    names = route.state.names()
+    for i, name in enumerate(names):
+        if name not in m.copies:
+            continue
+        mask = ids == i
+        if not bool(mask.any()):
+            continue
+        y = m.copies[name](*args, **kwargs)
+        mk = mask.view(*lead, *([1] * (out.dim() - len(lead))))
+        out = torch.where(mk, y, out)
+    return out
+
+
+# -- the context manager -------------------------------------------------------------------------
+def _index(model: nn.Module, state: ModelState, adapters_: Any) -> tuple[Tensor, str]:
+    names = state.names()
+    if isinstance(adapters_, Tensor):
+        if adapters_.dtype in (torch.bool,) or adapters_.is_floating_point():
+            raise ValueError(f"adapter ids must be an integer tensor, got {adapters_.dtype}")
+        ids = adapters_.detach().to("cpu", torch.long)
+        if ids.dim() not in (1, 2) or ids.numel() == 0:
+            raise ValueError(
+                f"adapter ids must have shape (B,) per row, (B, T) per token or (N,) for a "
+                f"packed batch; got shape {tuple(ids.shape)}"
+            )
+        bad = ids[(ids < -1) | (ids >= len(names))]
+        if bad.numel():
+            raise ValueError(
+                f"adapter id {int(bad[0])} is out of range: the model has {len(names)} adapters "
+                f"{names} (ids 0..{len(names) - 1}, −1 = base)"
+            )
+        return ids, ROW if ids.dim() == 1 else TOKEN
+    if isinstance(adapters_, (str, bytes)) or not isinstance(adapters_, Sequence):
+        raise TypeError(
+            "route takes one adapter name per row (a list; None = base model) or an integer "
+            f"tensor of adapter ids; got {type(adapters_).__name__}"
+        )
+    if not adapters_:
+        raise ValueError("route got an empty list of adapters; give one name per row")
+    out = []
+    for i, a in enumerate(adapters_):
+        if a is None:
+            out.append(-1)
+        elif isinstance(a, str) and a in state.adapters:
+            out.append(names.index(a))
+        else:
+            raise ValueError(
+                f"row {i}: no adapter named {a!r}; the model has {names} (None = base model)"
+            )
+    return torch.tensor(out, dtype=torch.long), ROW
+
+
+def _input_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None:
+    for key in ("input_ids", "inputs_embeds", "x", "input"):
+        t = kwargs.get(key)
+        if isinstance(t, Tensor):
+            return t
+    for t in args:
+        if isinstance(t, Tensor):
+            return t
+    return None
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, adapters_: Any, *, packed: bool = False) -> Iterator[nn.Module]:
+    """Run each row (or token) of the batches inside through its own adapter.
+
+    ``adapters_`` is a sequence with one adapter name per row (``None`` = the base model), or an
+    integer tensor of indices into :func:`peftkit.adapter_names` (−1 = base): per row ``(B,)``,
+    per token ``(B, T)``, or per token of a packed batch ``(N,)`` with ``packed=True``.
+
+    Works in forward, eval and training (each adapter's gradients come from its own rows only,
+    so several tasks train in one batch) and in ``model.generate`` (greedy, sampling, beam search,
+    ``num_return_sequences``: rows repeated by generate are recognised at the first forward).
+    ``modules_to_save`` copies (a per-task head) are routed too. Raises ``ValueError`` for an
+    unknown name, an id out of range, a wrong length, a merged adapter, or a Delta-LoRA adapter.
+    """
+    root = unwrap(model)
+    state = get_state(root)
+    assert state is not None
+    if state.route is not None:
+        raise ValueError("a route is already open on this model; routes do not nest")
+    ids, kind = _index(root, state, adapters_)
+    if packed:
+        if ids.dim() != 1:
+            raise ValueError(f"packed=True takes (N,) per-token ids, got {tuple(ids.shape)}")
+        kind = PACKED
+    used = {state.names()[i] for i in ids.unique().tolist() if i >= 0}
+    for name in state.names():
+        merged = [p for p, a in adapters(root, name) if a.merged]
+        if merged:
+            raise ValueError(
+                f"adapter {name!r} is merged into the base weights (e.g. {merged[0]}), which every "
+                "row shares; call peftkit.unmerge(model) before routing a mixed batch"
+            )
+        method = type(state.adapters[name].config).__name__
+        if getattr(state.adapters[name].config, "method", "") == "delta_lora":
+            raise ValueError(
+                f"adapter {name!r} is Delta-LoRA ({method}), which changes W itself, so its rows "
+                "cannot be mixed with others: export it exactly with peftkit.export_lora(model, "
+                "DIR, name=...) (a rank-2r LoRA) and load that instead"
+            )
+    del used
+    r = Route(state, ids, kind, state.names())
+
+    def observe(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        r.observe(_input_batch(args, kwargs))
+
+    handle = root.register_forward_pre_hook(observe, with_kwargs=True)
+    state.route = r
+    try:
+        yield model
+    finally:
+        state.route = None
+        handle.remove()
