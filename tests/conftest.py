@@ -146,3 +146,14 @@ def output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def tmp_adapter(tmp_path: object) -> object:
     return tmp_path
+
+
+def sole(module: nn.Module) -> nn.Module:
+    """The one adapter of an adapted layer (``model.fc1`` is an AdaptedLayer holding adapters by
+    name); any other module is returned as it is."""
+    from peftkit.core import AdaptedLayer
+
+    if isinstance(module, AdaptedLayer):
+        (adapter,) = module.adapters.values()
+        return adapter
+    return module

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODELS, ids, output
+from conftest import MODELS, ids, output, sole
 from torch import nn
 
 import peftkit
@@ -119,11 +119,11 @@ def test_skipped_step_leaves_w_alone() -> None:
     scaler.update()
     opt.zero_grad()
     assert all(torch.equal(w, w0[n]) for n, w in base_weights(model).items())
-    assert hook.steps == 0 and not model.fc1.delta_active
+    assert hook.steps == 0 and not sole(model.fc1).delta_active
     scaler.scale(output(model, ids()).sum()).backward()
     scaler.step(opt)
     scaler.update()
-    assert hook.steps == 1 and bool(model.fc1.delta_active)
+    assert hook.steps == 1 and bool(sole(model.fc1).delta_active)
     assert not torch.equal(model.fc1.base.weight, w0["fc1"])
 
 
@@ -240,7 +240,7 @@ def test_refusals_name_the_cause() -> None:
 
 def test_factors_before_and_after_the_warm_up() -> None:
     model = delta_model()
-    a, b = model.fc1.lora_factors()
+    a, b = sole(model.fc1).lora_factors()
     assert a.shape[0] == 4  # still plain LoRA: rank r
     train(model, optimizer(model), K + 1)
-    assert model.fc1.lora_factors()[0].shape[0] == 8
+    assert sole(model.fc1).lora_factors()[0].shape[0] == 8

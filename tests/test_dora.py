@@ -296,7 +296,8 @@ def test_training_never_forms_ba_and_saves_only_x_y(kind: str, path: str) -> Non
     check_path(layer, x, path)
     layer(x).sum().backward()  # the first forward fills the ‖W‖² cache
     layer.zero_grad()
-    owned = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    mine = (*layer.parameters(), *layer.base.parameters())
+    owned = {p.untyped_storage().data_ptr() for p in mine}
     with ShapeLog() as log:
         saved = saved_storages(lambda: layer(x), owned)
     w = dense_weight(layer.base)
@@ -334,7 +335,7 @@ def test_saves_no_more_than_lora_plus_one_output(kind: str, shape: tuple[int, ..
     )
     # LoRA's two-GEMM form (x and h saved); its merged-weight path on nn.Linear saves only x.
     lora.merged_matmul = False  # type: ignore[misc]
-    owned = {p.untyped_storage().data_ptr() for m in (lora, dora) for p in m.parameters()}
+    owned = {p.untyped_storage().data_ptr() for m in (lora, dora, base) for p in m.parameters()}
     lora_saved = saved_storages(lambda: lora(x), owned)
     dora_saved = saved_storages(lambda: dora(x), owned)
     y_bytes, h_bytes = n * t * d_out * 4, n * t * r * 4

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODELS, ids, output
+from conftest import MODELS, ids, output, sole
 from torch import nn
 
 import peftkit
@@ -49,7 +49,7 @@ def perturb(model: nn.Module, seed: int = 0) -> None:
 
 def truncated(model: nn.Module, x: torch.Tensor, b: int) -> torch.Tensor:
     """The paper's forward at rank b, written out: W₀ plus (α/b)·B[:, :b] A[:b] per layer."""
-    e, fc = model.embed, model.fc
+    e, fc = sole(model.embed), sole(model.fc)
     emb = e.base.weight + (ALPHA / b) * (e.lora_B[:, :b] @ e.lora_A[:b]).T  # (V, d)
     w = fc.base.weight + (ALPHA / b) * fc.lora_B[:, :b] @ fc.lora_A[:b]  # (out, in)
     return emb[x] @ w.T + fc.base.bias
@@ -87,12 +87,12 @@ def grads(frozen: bool, b: int) -> tuple[DyLoraLayer, torch.Tensor]:
     model = two(frozen=frozen).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     peftkit.attach(opt, model)
-    for layer in (model.embed, model.fc):
+    for layer in (sole(model.embed), sole(model.fc)):
         layer.set_train_rank(b)
     h = model.embed(ids()).detach().requires_grad_(True)
     model.fc(h).square().sum().backward()
     assert h.grad is not None
-    return model.fc, h.grad
+    return sole(model.fc), h.grad
 
 
 @pytest.mark.parametrize("frozen", [False, True])

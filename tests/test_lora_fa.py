@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODELS, ids, output
+from conftest import MODELS, ids, output, sole
 from torch import nn
 
 import peftkit
@@ -29,10 +29,10 @@ def test_a_frozen_at_loras_init_only_b_trains() -> None:
     fa = peftkit.adapt(One(), peftkit.LoraFAConfig(r=4, target_modules=["proj"]))
     torch.manual_seed(0)
     lora = peftkit.adapt(One(), peftkit.LoraConfig(r=4, target_modules=["proj"]))
-    assert torch.equal(fa.proj.lora_A, lora.proj.lora_A)  # same kaiming-uniform draw
-    assert not fa.proj.lora_A.requires_grad and fa.proj.lora_B.requires_grad
-    assert fa.proj.trainable_names() == ("lora_B",)
-    assert [n for n, p in fa.named_parameters() if p.requires_grad] == ["proj.lora_B"]
+    assert torch.equal(sole(fa.proj).lora_A, sole(lora.proj).lora_A)  # same kaiming-uniform draw
+    assert not sole(fa.proj).lora_A.requires_grad and sole(fa.proj).lora_B.requires_grad
+    assert sole(fa.proj).trainable_names() == ("lora_B",)
+    assert [n for n, p in fa.named_parameters() if p.requires_grad] == ["proj.adapters.default.lora_B"]
     assert peftkit.trainable_parameters(fa)[0] == 64 * 4
 
 
@@ -109,13 +109,13 @@ def test_dropout_only_in_training_and_seeded() -> None:
         One(), peftkit.LoraFAConfig(r=4, target_modules=["proj"], lora_dropout=0.5)
     )
     with torch.no_grad():
-        model.proj.lora_B.normal_()
+        sole(model.proj).lora_B.normal_()
     x = torch.randn(4, 96, requires_grad=True)
     model.eval()
     y0 = model(x)
-    model.proj.lora_dropout = 0.0
+    sole(model.proj).lora_dropout = 0.0
     assert torch.equal(model(x), y0)
-    model.proj.lora_dropout = 0.5
+    sole(model.proj).lora_dropout = 0.5
     model.train()
     torch.manual_seed(3)
     y1 = model(x)
@@ -153,18 +153,18 @@ def test_embeddings_are_refused() -> None:
 
 def test_unfrozen_a_trains_as_lora() -> None:
     model = peftkit.adapt(One(), peftkit.LoraFAConfig(r=4, target_modules=["proj"]))
-    model.proj.lora_A.requires_grad_(True)
+    sole(model.proj).lora_A.requires_grad_(True)
     with torch.no_grad():
-        model.proj.lora_B.normal_()
+        sole(model.proj).lora_B.normal_()
     model(torch.randn(4, 96)).sum().backward()
-    assert model.proj.lora_A.grad is not None and model.proj.lora_A.grad.abs().sum() > 0
+    assert sole(model.proj).lora_A.grad is not None and sole(model.proj).lora_A.grad.abs().sum() > 0
 
 
 def test_correction_is_the_projected_full_gradient() -> None:
     """s · g̃_B A = G Aᵀ(AAᵀ)⁻¹A, with G = ∂L/∂W the full-weight gradient (LoRA-FA v2)."""
     torch.manual_seed(0)
     model = peftkit.adapt(One(), peftkit.LoraFAConfig(r=4, lora_alpha=16, target_modules=["proj"]))
-    layer = model.proj
+    layer = sole(model.proj)
     with torch.no_grad():
         layer.lora_B.normal_()
     x, t = torch.randn(32, 96), torch.randn(32, 64)
@@ -214,6 +214,6 @@ def test_correction_matches_peft_lorafa_optimizer(tmp_path: Any, monkeypatch: An
             opt.zero_grad()
     for name in ("fc1", "fc2"):
         peer = theirs.base_model.model.get_submodule(name).lora_B["default"].weight
-        torch.testing.assert_close(getattr(ours, name).lora_B, peer, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(sole(getattr(ours, name)).lora_B, peer, rtol=1e-4, atol=1e-6)
         # the correction matters: without it the trajectory is visibly different
-        assert (getattr(uncorrected, name).lora_B - peer).abs().max() > 1e-3
+        assert (sole(getattr(uncorrected, name)).lora_B - peer).abs().max() > 1e-3

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import sole
 from torch import nn
 
 import peftkit
@@ -17,7 +18,7 @@ def _layer(dropout: float = 0.0, bias: bool = True) -> tuple[nn.Module, LoraLaye
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 40, bias=bias)).double()
     peftkit.adapt(model, peftkit.LoraConfig(r=4, target_modules=["0"], lora_dropout=dropout))
-    layer = model[0]
+    layer = sole(model[0])
     assert isinstance(layer, LoraLayer)
     with torch.no_grad():
         layer.lora_B.normal_()
@@ -65,7 +66,7 @@ def test_equals_the_two_gemm_path(bias: bool, monkeypatch: pytest.MonkeyPatch) -
     y2, g2 = _run(model, x)
     assert calls["n"] == 1
     torch.testing.assert_close(y1, y2, rtol=0, atol=1e-12)
-    assert g1.keys() == g2.keys() == {"x", "0.lora_A", "0.lora_B"}
+    assert g1.keys() == g2.keys() == {"x", "0.adapters.default.lora_A", "0.adapters.default.lora_B"}
     for k in g1:
         torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=1e-12)
 

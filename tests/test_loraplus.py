@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import MODELS, ids, output
+from conftest import MODELS, ids, output, sole
 from torch import nn
 
 import peftkit
@@ -65,9 +65,9 @@ def test_same_learning_rates_as_peft() -> None:
         else:
             assert lr == pytest.approx(peft_by_key[key][0], rel=1e-12), key
     # the factors themselves, spelled out
-    assert ours_lr[id(ours.fc1.lora_A)][0] == LR
-    assert ours_lr[id(ours.fc1.lora_B)][0] == pytest.approx(LR * RATIO)
-    assert ours_lr[id(ours.embed.lora_A)][0] == ours_lr[id(ours.embed.lora_B)][0] == 1e-6
+    assert ours_lr[id(sole(ours.fc1).lora_A)][0] == LR
+    assert ours_lr[id(sole(ours.fc1).lora_B)][0] == pytest.approx(LR * RATIO)
+    assert ours_lr[id(sole(ours.embed).lora_A)][0] == ours_lr[id(sole(ours.embed).lora_B)][0] == 1e-6
 
 
 class OddlyNamed(Adapter):
@@ -132,8 +132,8 @@ def test_one_adamw_step_moves_b_ratio_times_further() -> None:
     output(model, ids()).pow(2).mean().backward()
     opt.step()
     # Adam's first step moves every coordinate by lr · sign(g) (up to eps)
-    step_a = (model.fc1.lora_A - before[id(model.fc1.lora_A)]).abs().max().item()
-    step_b = (model.fc1.lora_B - before[id(model.fc1.lora_B)]).abs().max().item()
+    step_a = (sole(model.fc1).lora_A - before[id(sole(model.fc1).lora_A)]).abs().max().item()
+    step_b = (sole(model.fc1).lora_B - before[id(sole(model.fc1).lora_B)]).abs().max().item()
     assert step_a == pytest.approx(LR, rel=1e-3)
     assert step_b == pytest.approx(LR * RATIO, rel=1e-3)
     sched.step()
@@ -146,7 +146,7 @@ def test_method_roles_land_where_the_table_says() -> None:
     model = MODELS["mlp"](0)
     peftkit.adapt(model, peftkit.LoraConfig(r=4, target_modules=["fc1"], use_dora=True))
     groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, LR)}
-    layer = model.fc1
+    layer = sole(model.fc1)
     assert id(layer.lora_magnitude_vector) in groups["B"]
     assert id(layer.lora_A) in groups["A"] and id(layer.lora_B) in groups["B"]
 

@@ -99,7 +99,6 @@ def test_named_adapters_lifecycle() -> None:
 
 def test_two_active_adapters_on_one_layer_add() -> None:
     model = tiny_llama()
-    x = ids(vocab=128)
     for n in ("a", "b"):
         peftkit.adapt(model, peftkit.LoraConfig(r=3, target_modules=["q_proj"]), name=n)
     perturb(model)

@@ -42,7 +42,7 @@ def test_projections_equal_peft_bit_for_bit(case: str) -> None:
         MODELS[kind](0), peftkit.VeraConfig(r=8, target_modules=targets, projection_prng_key=7)
     )
     a, b = theirs.base_model.vera_A["default"], theirs.base_model.vera_B["default"]
-    shared = ours.peftkit_shared
+    shared = ours.peftkit_shared.default
     assert isinstance(shared, VeraProjections)
     assert torch.equal(shared.vera_A, a) and torch.equal(shared.vera_B, b)
     # sized to the per-dimension maximum of the targets
@@ -135,7 +135,7 @@ def test_delta_weight_is_the_paper_equation() -> None:
         MODELS["llama"](0), peftkit.VeraConfig(r=8, target_modules=["up_proj", "down_proj"])
     )
     _perturb(model, 4)
-    a, b = model.peftkit_shared.vera_A, model.peftkit_shared.vera_B
+    a, b = model.peftkit_shared.default.vera_A, model.peftkit_shared.default.vera_B
     for _, layer in peftkit.adapters(model):
         assert isinstance(layer, VeraLayer)
         k, d = layer.in_features, layer.out_features
@@ -158,7 +158,7 @@ def test_shared_holder_stays_shared_after_to() -> None:
     x = ids(vocab=128)
     y = output(model, x)
     model.to(torch.float64)
-    holder = model.peftkit_shared
+    holder = model.peftkit_shared.default
     assert holder.vera_A.dtype == torch.float64
     layers = [lay for _, lay in peftkit.adapters(model)]
     assert all(lay.shared is holder for lay in layers)
@@ -168,7 +168,7 @@ def test_shared_holder_stays_shared_after_to() -> None:
         assert lay.delta_weight().dtype == torch.float64
     # one pair of projections for the whole model, none in the per-layer state
     sd = model.state_dict()
-    assert [k for k in sd if k.endswith("vera_A")] == ["peftkit_shared.vera_A"]
+    assert [k for k in sd if k.endswith("vera_A")] == ["peftkit_shared.default.vera_A"]
 
 
 def test_export_lora_equals_the_model(tmp_path: Any) -> None:

@@ -495,10 +495,16 @@ def adapters(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, A
     state = getattr(root, STATE_ATTR, None)
     if name is None and state is not None:
         name = state.focus
-    for path, layer in adapted_layers(root):
-        for n, a in layer.adapters.items():
-            if name is None or n == name:
-                yield path, a  # type: ignore[misc]
+    held: list[str] = []
+    for path, m in root.named_modules():
+        if isinstance(m, AdaptedLayer):
+            held.append(path + ".")
+            for n, a in m.adapters.items():
+                if name is None or n == name:
+                    yield path, a  # type: ignore[misc]
+        elif isinstance(m, Adapter) and not any(path.startswith(h) for h in held):
+            if name is None or name == DEFAULT:
+                yield path, m  # an adapter placed by hand, outside an AdaptedLayer
 
 
 def modules_to_save(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
