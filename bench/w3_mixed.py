@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         peftkit.set_adapter(mixed, rows[3])
         one = mixed(input_ids=prefill_ids[3:4], use_cache=False).logits
         peftkit.set_adapter(mixed, "default")
-        print(f"check: row 3 mixed vs alone, max |Δlogit| = {(a[3:4] - one).abs().max().item():.2e}")
+        d = (a[3:4] - one).abs().max().item()
+        print(f"check: row 3 mixed vs alone, max |Δlogit| = {d:.2e}")
         ga = runner("mixed", True)()
         gb = runner("peft-mixed", True)()
         print(f"check: mixed generate == PEFT mixed generate: {torch.equal(ga, gb)}")

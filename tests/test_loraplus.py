@@ -67,7 +67,8 @@ def test_same_learning_rates_as_peft() -> None:
     # the factors themselves, spelled out
     assert ours_lr[id(sole(ours.fc1).lora_A)][0] == LR
     assert ours_lr[id(sole(ours.fc1).lora_B)][0] == pytest.approx(LR * RATIO)
-    assert ours_lr[id(sole(ours.embed).lora_A)][0] == ours_lr[id(sole(ours.embed).lora_B)][0] == 1e-6
+    emb = sole(ours.embed)
+    assert ours_lr[id(emb.lora_A)][0] == ours_lr[id(emb.lora_B)][0] == 1e-6
 
 
 class OddlyNamed(Adapter):
