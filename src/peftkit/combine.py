@@ -364,9 +364,10 @@ def combine(
       adapter, empty ``weights``, unequal ranks for the factor types, and ``density``/``rank``
       given to a type that ignores them.
     * DARE draws its masks from a local generator seeded by ``seed`` (None: one seed drawn from
-      torch's global generator), never the global stream itself. The draws come in PEFT's order
-      (per layer, A then B, sources in order), so ``seed=s`` gives the masks that PEFT draws
-      after ``torch.manual_seed(s)`` on the same device.
+      torch's global generator), never the global stream itself, and the new layers' init does
+      not move the caller's stream. The masks are drawn in PEFT's order (per layer, A then B,
+      sources in order), so they are the ones PEFT draws from a global generator in the same
+      state once its own init draws are set aside (the tests check this).
     * Sources whose layers have different ranks (``rank_pattern``, AdaLoRA) are zero-padded to
       the result's rank, and ``rank`` above a layer's ``min(in, out)`` gets zero components,
       where PEFT fails on the shapes. The maths runs in at least float32.
