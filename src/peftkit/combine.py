@@ -59,6 +59,10 @@ class _Source:
     rank: int
 
 
+#: the sources that adapt one layer, each as (source, A (r, in), B (out, r), s)
+Present = list[tuple[_Source, Tensor, Tensor, float]]
+
+
 # -- merge rules: pure functions on a list of same-shaped task tensors ----------------------------
 def prune_magnitude(t: Tensor, density: float) -> Tensor:
     """``t`` with all but its ``int(density · numel)`` largest-magnitude entries zeroed."""
@@ -118,7 +122,7 @@ def _pad(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 def _cat(
-    present: list[tuple[_Source, Tensor, Tensor, float]],
+    present: Present,
     sources: list[_Source],
     rank: int,
     shape: tuple[int, int],
@@ -139,7 +143,7 @@ def _cat(
 
 def _in_factors(
     how: str,
-    present: list[tuple[_Source, Tensor, Tensor, float]],
+    present: Present,
     rank: int,
     density: float | None,
     sign_method: str,
@@ -155,13 +159,18 @@ def _in_factors(
         a_list.append(ai)
         b_list.append(bi)
     # Note: all A masks, then all B masks, per layer: PEFT's order of draws.
-    kw = dict(density=density, sign_method=sign_method, generator=generator)
-    return merge_tensors(how, a_list, a_w, **kw), merge_tensors(how, b_list, b_w, **kw)
+    a = merge_tensors(
+        how, a_list, a_w, density=density, sign_method=sign_method, generator=generator
+    )  # (rank, in)
+    b = merge_tensors(
+        how, b_list, b_w, density=density, sign_method=sign_method, generator=generator
+    )  # (out, rank)
+    return a, b
 
 
 def _svd(
     how: str,
-    present: list[tuple[_Source, Tensor, Tensor, float]],
+    present: Present,
     rank: int,
     density: float | None,
     sign_method: str,
@@ -403,7 +412,7 @@ def combine(
 
     new: dict[str, tuple[Tensor, Tensor]] = {}
     for path, layer in adapted_layers(root):
-        present = []
+        present: Present = []
         for src in sources:
             if path in src.factors:
                 a, b, s = src.factors[path]
