@@ -455,3 +455,17 @@ def test_dare_rule_by_hand() -> None:
     mask = torch.bernoulli(torch.full_like(t, 0.25), generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(got, 2.0 * t * mask / 0.25)
     assert 20 < int(mask.sum()) < 80
+
+
+@pytest.mark.parametrize("how", ["cat", "svd"])
+def test_bfloat16_sources(how: str) -> None:
+    """The maths runs in float32 (torch has no bfloat16 SVD on CPU); the result is cast back."""
+    model = with_adapters(lambda: tiny_llama().to(torch.bfloat16))
+    weights = {"a": 0.7, "b": 0.3, "c": -0.5}
+    peftkit.combine(model, weights, name="mix", how=how, rank=12 if how == "svd" else None)
+    got = deltas(model, "mix")
+    assert {d.dtype for d in got.values()} == {torch.bfloat16}
+    want = weighted_sum(model, weights)
+    assert_same(
+        {p: d.float() for p, d in got.items()}, {p: d.float() for p, d in want.items()}, rel=2e-2
+    )
