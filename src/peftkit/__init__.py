@@ -7,6 +7,7 @@ peftkit.attach(optimizer, model)      # methods with step-time dynamics; harmles
 peftkit.save_adapter(model, "out")    # PEFT's file layout
 """
 
+from .combine import combine
 from .config import AdapterConfig
 from .core import (
     AdaptedLayer,
@@ -71,6 +72,7 @@ __all__ = [
     "adapter_names",
     "adapters",
     "attach",
+    "combine",
     "delete_adapter",
     "dense_weight",
     "detach",
