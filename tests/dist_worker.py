@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import peftkit
-import peftkit.state
+import peftkit.files
 from peftkit.core import get_state, unwrap
 
 STEPS = 3
@@ -156,17 +156,17 @@ def main() -> None:
     # Note: gathering FSDP2 shards is a collective, so every rank calls save_adapter; only rank 0
     # writes. Count the safetensors writes each rank makes.
     writes = []
-    real_save = peftkit.state.save_file
+    real_save = peftkit.files.save_file
 
     def counting_save(tensors: dict[str, torch.Tensor], path: str, **kw: Any) -> None:
         writes.append(path)
         real_save(tensors, path, **kw)
 
-    peftkit.state.save_file = counting_save  # type: ignore[assignment]
+    peftkit.files.save_file = counting_save  # type: ignore[assignment]
     try:
         peftkit.save_adapter(wrapped, out / "dist")
     finally:
-        peftkit.state.save_file = real_save  # type: ignore[assignment]
+        peftkit.files.save_file = real_save  # type: ignore[assignment]
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, {"rank": rank, "drawn": drawn, "writes": len(writes), **found})
 

@@ -171,7 +171,7 @@ def test_failed_save_keeps_previous_adapter(tmp_path: Any, monkeypatch: Any) -> 
     def boom(*a: Any, **k: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("peftkit.state.save_file", boom)
+    monkeypatch.setattr("peftkit.files.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         peftkit.save_adapter(model, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before

@@ -37,7 +37,7 @@ def _is_default_like(value: Any) -> bool:
     return value is None or value is False or value == {} or value == [] or value == "none"
 
 
-def _as_tuple(value: Any, name: str, item_type: type) -> tuple[Any, ...] | None:
+def as_tuple(value: Any, name: str, item_type: type) -> tuple[Any, ...] | None:
     if value is None:
         return None
     if isinstance(value, item_type) and not isinstance(value, bool):
@@ -101,26 +101,26 @@ class AdapterConfig:
                 "['q_proj', 'v_proj'], a regex, or 'all-linear'"
             )
         if not isinstance(tm, str):
-            tm = _as_tuple(tm, "target_modules", str)
+            tm = as_tuple(tm, "target_modules", str)
             if not tm:
                 raise ValueError("target_modules is empty; name at least one module")
             object.__setattr__(self, "target_modules", tm)
         elif not tm:
             raise ValueError("target_modules is an empty string; name a module or 'all-linear'")
         object.__setattr__(
-            self, "modules_to_save", _as_tuple(self.modules_to_save, "modules_to_save", str)
+            self, "modules_to_save", as_tuple(self.modules_to_save, "modules_to_save", str)
         )
         ltt = self.layers_to_transform
-        ltt = _as_tuple(ltt, "layers_to_transform", int)
+        ltt = as_tuple(ltt, "layers_to_transform", int)
         if ltt is not None and any(i < 0 for i in ltt):
             raise ValueError(f"layers_to_transform must be non-negative indices, got {ltt!r}")
         object.__setattr__(self, "layers_to_transform", ltt)
         object.__setattr__(
-            self, "layers_pattern", _as_tuple(self.layers_pattern, "layers_pattern", str)
+            self, "layers_pattern", as_tuple(self.layers_pattern, "layers_pattern", str)
         )
         if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
             object.__setattr__(
-                self, "exclude_modules", _as_tuple(self.exclude_modules, "exclude_modules", str)
+                self, "exclude_modules", as_tuple(self.exclude_modules, "exclude_modules", str)
             )
 
     @property

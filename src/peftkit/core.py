@@ -315,13 +315,12 @@ class AdaptedLayer(Switchable):
         st = self.model_state
         route = st.route if st is not None else None
         if route is not None:
-            from .routing import routed_forward
-
-            return routed_forward(self, route, x, *args, **kwargs)
+            y: Tensor = route.forward(self, x, *args, **kwargs)  # peftkit.routing.Route
+            return y
         active = self.active
         if len(active) == 1:
-            y: Tensor = adapters[active[0]](x, *args, **kwargs)
-            return y
+            one: Tensor = adapters[active[0]](x, *args, **kwargs)
+            return one
         out = self.base(x, *args, **kwargs)
         for name in active:
             out = adapters[name].add_to(x, out)
@@ -367,9 +366,7 @@ class ModulesToSave(Switchable):
             return self.original(*args, **kwargs)
         st = self.model_state
         if st is not None and st.route is not None:
-            from .routing import routed_copies
-
-            return routed_copies(self, st.route, *args, **kwargs)
+            return st.route.copies(self, *args, **kwargs)  # peftkit.routing.Route
         return self.trained(*args, **kwargs)
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import TrainingHook, get_state, model_state, unwrap
+from .files import write_files
 
 STATE_KEY = "peftkit_hooks"
 
@@ -159,7 +160,6 @@ def save_hook_state(model: nn.Module, directory: str | Any) -> None:
     (no pickle), atomically. Used by the Trainer callback's checkpoints and ``peftkit train``."""
     from pathlib import Path
 
-    from .state import write_files
 
     state = get_state(model)
     assert state is not None

@@ -146,6 +146,14 @@ class Route:
     def per_row(self, lead: tuple[int, ...]) -> bool:
         return self.kind == ROW and len(lead) >= 1
 
+    def forward(self, layer: AdaptedLayer, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """What an :class:`~peftkit.core.AdaptedLayer` computes inside this route."""
+        return routed_forward(layer, self, x, *args, **kwargs)
+
+    def copies(self, m: ModulesToSave, *args: Any, **kwargs: Any) -> Any:
+        """What a ``modules_to_save`` module computes inside this route."""
+        return routed_copies(m, self, *args, **kwargs)
+
     def plan(self, key: Any, build: Any) -> Any:
         got = self._plans.get(key)
         if got is None:

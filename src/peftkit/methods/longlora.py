@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..config import AdapterConfig, _as_tuple, check_finite_number
+from ..config import AdapterConfig, as_tuple, check_finite_number
 from ..core import AdaptedLayer, Adapter, ModulesToSave, Switchable, model_state
 from . import dora, lora
 from .lora import LoraConfig
@@ -93,7 +93,7 @@ class LongLoraConfig(LoraConfig):
                     f"context_factor must be >= 1 (how many times longer the context gets), got "
                     f"{factor!r}; e.g. context_factor=4 for 4 × the trained length"
                 )
-        object.__setattr__(self, "trainable", _as_tuple(self.trainable, "trainable", str) or ())
+        object.__setattr__(self, "trainable", as_tuple(self.trainable, "trainable", str) or ())
 
     @property
     def method(self) -> str:

@@ -11,8 +11,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from ..config import AdapterConfig
-    from ..core import Adapter
-    from ..hooks import TrainingHook
+    from ..core import Adapter, TrainingHook
 
 V = TypeVar("V")
 

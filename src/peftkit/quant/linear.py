@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .nf4 import (
     NF4Tensor,
-    _check_blocksize,
+    check_blocksize,
     nf4_dequantize,
     nf4_quantize,
 )
@@ -116,7 +116,7 @@ class NF4Linear(nn.Module):
                 f"NF4Linear needs positive sizes, got in_features={in_features}, "
                 f"out_features={out_features}"
             )
-        _check_blocksize(blocksize)
+        check_blocksize(blocksize)
         self.in_features = in_features
         self.out_features = out_features
         self.blocksize = blocksize
@@ -314,7 +314,7 @@ def quantize_(
                 f"{arg} must be a list of module-name suffixes, got the string {value!r}; "
                 f"write [{value!r}]"
             )
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     embeddings = _embedding_weights(model)
     chosen: list[tuple[str, nn.Linear]] = []
     matched: set[str] = set()

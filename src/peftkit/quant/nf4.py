@@ -129,7 +129,7 @@ class NF4Tensor:
     offset: Tensor | None = None
 
     def __post_init__(self) -> None:
-        _check_blocksize(self.blocksize)
+        check_blocksize(self.blocksize)
         n = math.prod(self.shape)
         n_blocks = -(-n // self.blocksize)
         if self.packed.dtype != torch.uint8 or self.packed.numel() != (n + 1) // 2:
@@ -176,7 +176,7 @@ class NF4Tensor:
         return 8 * self.nbytes / self.numel()
 
 
-def _check_blocksize(blocksize: int) -> None:
+def check_blocksize(blocksize: int) -> None:
     if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize={blocksize!r} is not supported; choose one of {BLOCKSIZES}")
 
@@ -261,7 +261,7 @@ def nf4_quantize(
         ValueError: unsupported dtype or blocksize, empty tensor, NaN or Inf in ``w``.
     """
     _check_weight(w)
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     if nested_rounding not in ("bnb_cpu", "nearest"):
         raise ValueError(
             f"nested_rounding={nested_rounding!r} is not supported; use 'bnb_cpu' or 'nearest'"
