@@ -422,3 +422,59 @@ def test_contract_with_two_adapters(method: str, tmp_path: Path) -> None:
         torch.testing.assert_close(logits(fresh, x), logits(model, x), atol=1e-6, rtol=0)
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".adapters." in k for k in trainable)
+
+
+# ---------------------------------------------------------------- hooks and checkpoints
+
+
+def _tasks_model() -> nn.Module:
+    model = tiny_llama().train()
+    ada = peftkit.AdaLoraConfig(
+        init_r=4, target_r=2, total_step=6, tinit=1, tfinal=1, deltaT=1,
+        target_modules=["q_proj", "v_proj"],
+    )
+    peftkit.adapt(model, ada, name="ada")
+    peftkit.adapt(model, peftkit.LoraConfig(r=2, target_modules=["q_proj", "o_proj"]), name="lora")
+    return model
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        x = ids(batch=4, vocab=128, seed=100 + step)
+        with peftkit.route(model, ["ada", "lora", "ada", "lora"]):
+            out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_hooks_act_on_their_own_adapter_and_checkpoints_keep_every_adapter(
+    tmp_path: Path,
+) -> None:
+    from peftkit.checkpoint import load_checkpoint, save_checkpoint
+    from peftkit.methods import adalora
+
+    torch.manual_seed(0)
+    model = _tasks_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    peftkit.attach(opt, model)
+    _train(model, opt, range(3))
+    with peftkit.core.focused(model, "ada"):
+        pruned = adalora.ranks(model)
+    assert pruned and all(r <= 4 for r in pruned.values())
+    assert any(r < 4 for r in pruned.values())  # the budget acted on AdaLoRA's layers ...
+    assert all(a.r == 2 for _, a in peftkit.adapters(model, "lora"))  # ... and only on them
+    save_checkpoint(tmp_path / "ck", 3, model=model, optimizer=opt, trainer_state={})
+    _train(model, opt, range(3, 6))
+    want = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(0)
+    again = _tasks_model()
+    opt2 = torch.optim.AdamW([p for p in again.parameters() if p.requires_grad], lr=1e-2)
+    load_checkpoint(tmp_path / "ck" / "step-00000003", model=again, optimizer=opt2)
+    _train(again, opt2, range(3, 6))
+    got = again.state_dict()
+    assert got.keys() == want.keys()
+    assert any(".adapters.lora." in k for k in got) and any(".adapters.ada." in k for k in got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=0, rtol=0, msg=k)
