@@ -19,6 +19,16 @@ from peftkit.core import AdaptedLayer
 MIXABLE = [m for m in ROWS if m != "delta_lora"]
 
 
+@pytest.fixture(params=["masked", "batched"])
+def form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test through both stacked forms: the masked one (all ranks side by side) and the
+    batched one (per-row gathered factors, or per-token groups)."""
+    from peftkit import routing
+
+    monkeypatch.setattr(routing, "MASKED_MAX_POSITIONS", 10**9 if request.param == "masked" else 0)
+    return str(request.param)
+
+
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     return out if isinstance(out, torch.Tensor) else out.logits
@@ -118,7 +128,7 @@ def test_two_active_adapters_on_one_layer_add() -> None:
 
 
 @pytest.mark.parametrize("method", MIXABLE)
-def test_mixed_rows_equal_single_adapter_outputs(method: str) -> None:
+def test_mixed_rows_equal_single_adapter_outputs(method: str, form: str) -> None:
     model = two_adapters(method)
     x = ids(batch=5, vocab=128)
     names = ["a", "b", None, "c", "a"]
@@ -131,7 +141,7 @@ def test_mixed_rows_equal_single_adapter_outputs(method: str) -> None:
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "vera", "mora", "adalora"])
-def test_mixed_rows_on_an_nf4_base(method: str) -> None:
+def test_mixed_rows_on_an_nf4_base(method: str, form: str) -> None:
     if not ROWS[method].nf4:
         pytest.skip("method refuses NF4 bases")
     model = two_adapters(method, kind="nf4")
@@ -160,7 +170,7 @@ def token_model(seed: int = 0) -> nn.Module:
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "vera", "mora", "dylora", "adalora"])
-def test_per_token_and_packed_routing(method: str) -> None:
+def test_per_token_and_packed_routing(method: str, form: str) -> None:
     model = token_model()
     row = ROWS[method]
     peftkit.adapt(model, row.make(target_modules=["up", "down"]), name="a")
@@ -257,7 +267,7 @@ def _generate(model: nn.Module, x: torch.Tensor, **kw: Any) -> torch.Tensor:
     ],
     ids=["greedy", "beams", "beams-nrs", "sample-nrs"],
 )
-def test_mixed_generate_equals_per_adapter_generate(kw: dict[str, Any]) -> None:
+def test_mixed_generate_equals_per_adapter_generate(kw: dict[str, Any], form: str) -> None:
     model = two_adapters("lora")
     with torch.no_grad():  # larger updates, so that adapters really change the tokens
         for _, a in peftkit.adapters(model):
@@ -286,7 +296,7 @@ def test_mixed_generate_equals_per_adapter_generate(kw: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "vera", "mora", "lora_fa", "adalora"])
-def test_mixed_training_gradients_equal_separate_runs(method: str) -> None:
+def test_mixed_training_gradients_equal_separate_runs(method: str, form: str) -> None:
     model = two_adapters(method).train()
     ref = copy.deepcopy(model)
     x = ids(batch=4, vocab=128, seed=5)

@@ -188,49 +188,76 @@ def _versions(mods: Sequence[nn.Module]) -> tuple[Any, ...]:
     )
 
 
-def _stack(layer: AdaptedLayer, used: list[int]) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(A (U, r, in), B' (U, out, r), g (U, out) or None)`` of the adapters at ``used``,
-    ranks zero-padded to the largest; cached while nothing can change (no grad, same versions)."""
-    ads: list[Adapter] = [list(layer.adapters.values())[i] for i in used]  # type: ignore[misc]
+class _Stack:
+    """The factors of the adapters a layer uses in one batch, zero-padded to the largest rank,
+    with one extra zero slot (g = 1) for positions that use the base: ``a`` (U+1, r, in),
+    ``b`` (U+1, out, r), ``g`` (U+1, out) or None; ``a_cat`` (in → (U+1)·r) and ``b_cat``
+    ((U+1)·r → out) hold the same factors side by side, for the masked form."""
+
+    def __init__(self, a: Tensor, b: Tensor, g: Tensor | None) -> None:
+        self.a, self.b, self.g = a, b, g
+        u, r, n_in = a.shape
+        self.rank = int(r)
+        self.a_cat = a.reshape(u * r, n_in)  # (U·r, in)
+        self.b_cat = b.permute(1, 0, 2).reshape(b.shape[1], u * r)  # (out, U·r)
+
+
+def _stack(layer: AdaptedLayer, ads: list[Adapter], used: list[int]) -> _Stack | None:
+    """The :class:`_Stack` of ``ads`` (the adapters at ``used``), or None when one of them has
+    no LoRA form here. Cached while nothing can change it: no grad, the same tensor versions."""
     caching = not torch.is_grad_enabled()
     key = (tuple(used), _versions(ads)) if caching else None
     cache = layer.__dict__.get("_peftkit_stack")
     if caching and cache is not None and cache[0] == key:
         return cache[1]  # type: ignore[no-any-return]
-    pairs = [a.factors() for a in ads]
-    assert all(p is not None for p in pairs)
-    r = max(int(p[0].shape[0]) for p in pairs)  # type: ignore[index]
-    a_st = torch.stack([F.pad(p[0], (0, 0, 0, r - p[0].shape[0])) for p in pairs])  # type: ignore[index]
-    b_st = torch.stack([F.pad(p[1], (0, r - p[1].shape[1])) for p in pairs])  # type: ignore[index]
+    pairs: list[tuple[Tensor, Tensor]] = []
+    for a in ads:
+        f = a.factors()
+        if f is None:
+            return None
+        pairs.append(f)
+    r = max(int(pa.shape[0]) for pa, _ in pairs)
+    a0, b0 = pairs[0]
+    a_st = torch.stack(
+        [F.pad(pa, (0, 0, 0, r - pa.shape[0])) for pa, _ in pairs]
+        + [a0.new_zeros(r, a0.shape[1])]
+    )  # (U+1, r, in)
+    b_st = torch.stack(
+        [F.pad(pb, (0, r - pb.shape[1])) for _, pb in pairs] + [b0.new_zeros(b0.shape[0], r)]
+    )  # (U+1, out, r)
     scales = [a.row_scale() for a in ads]
     g = None
-    if any(s is not None for s in scales):
-        one = torch.ones(layer_out(layer), dtype=b_st.dtype, device=b_st.device)
-        g = torch.stack([one if s is None else s.to(b_st.dtype) for s in scales])  # (U, out)
-    got = (a_st, b_st, g)
+    if any(sc is not None for sc in scales):
+        one = torch.ones(b_st.shape[1], dtype=b_st.dtype, device=b_st.device)
+        g = torch.stack([one if sc is None else sc.to(b_st.dtype) for sc in scales] + [one])
+    got = _Stack(a_st, b_st, g)
     if caching:
         layer.__dict__["_peftkit_stack"] = (key, got)
     return got
 
 
-def layer_out(layer: AdaptedLayer) -> int:
-    return int(next(iter(layer.adapters.values())).out_features)  # type: ignore[attr-defined]
-
-
-def _factor_form(ads: list[Adapter], x: Tensor, args: tuple[Any, ...], kw: dict[str, Any]) -> bool:
-    if args or kw or not ads:
+def _eligible(ads: list[Adapter], args: tuple[Any, ...], kw: dict[str, Any]) -> bool:
+    """Whether the stacked form may apply: plain input, no embedding, an override of
+    :meth:`Adapter.factors`, and no train-mode dropout (each adapter has its own)."""
+    if args or kw:
         return False
     for a in ads:
         if a.kind == EMBEDDING or type(a).factors is Adapter.factors:
             return False
         if a.training and torch.is_grad_enabled() and not isinstance(a.dropout, nn.Identity):
             return False
-    return all(a.factors() is not None for a in ads)
+    return True
 
 
 def _bias(layer: AdaptedLayer) -> Tensor | None:
     b = getattr(layer.base, "bias", None)
     return b if isinstance(b, Tensor) else None
+
+
+#: At most this many positions take the masked form (one GEMM pair over all the adapters'
+#: ranks side by side, other adapters' columns zeroed): cheapest for decoding steps. More
+#: positions take batched matmuls per row or per group, which waste no FLOPs.
+MASKED_MAX_POSITIONS = 64
 
 
 def routed_forward(
@@ -241,88 +268,73 @@ def routed_forward(
     kind = next(iter(layer.adapters.values())).kind  # type: ignore[attr-defined]
     lead = tuple(x.shape) if kind == EMBEDDING else tuple(x.shape[:-1])
     ids = route.token_ids(lead, x.device)
-    slots = _slot_map(layer, route.state, x.device)[ids + 1]  # (n,) local slot or −1
+    smap = _slot_map(layer, route.state, x.device)
+    tag = id(smap)
 
-    def used_slots() -> list[int]:
-        return sorted(int(u) for u in torch.unique(slots).tolist() if u >= 0)
+    def positions() -> tuple[Tensor, list[int], Tensor]:
+        slots = smap[ids + 1]  # (n,) this layer's slot, or −1
+        used = sorted(int(u) for u in torch.unique(slots).tolist() if u >= 0)
+        pos = torch.full_like(slots, len(used))  # index into the stack; len(used) = zero slot
+        for j, u in enumerate(used):
+            pos[slots == u] = j
+        return slots, used, pos
 
-    used: list[int] = route.plan(("used", id(layer.__dict__.get("_peftkit_slot_map")), lead),
-                                 used_slots)
+    slots, used, pos = route.plan(("pos", tag, lead), positions)
     if not used:
         return out
     all_ads = list(layer.adapters.values())
     ads: list[Adapter] = [all_ads[i] for i in used]  # type: ignore[misc]
-    if not _factor_form(ads, x, args, kwargs):
-        return _per_adapter(layer, ads, used, slots, x, out, kind)
-    a_st, b_st, g = _stack(layer, used)
+    st = _stack(layer, ads, used) if _eligible(ads, args, kwargs) else None
+    if st is None:
+        return _per_adapter(ads, used, slots, x, out, kind)
     n_out = out.shape[-1]
-    dt = a_st.dtype
-    if route.per_row(lead):
-        rows = lead[0]
-
-        def row_plan() -> tuple[Tensor, bool]:
-            per_row = slots.view(rows, -1)[:, 0]  # (rows,)
-            pos = torch.full_like(per_row, len(used))
-            for j, u in enumerate(used):
-                pos[per_row == u] = j
-            return pos, bool((per_row < 0).any())
-
-        pos, has_base = route.plan(("rows", id(layer.__dict__.get("_peftkit_slot_map")), lead),
-                                   row_plan)
-        if has_base:  # a zero slot for rows that use the base
-            a_st = torch.cat([a_st, a_st.new_zeros(1, *a_st.shape[1:])])
-            b_st = torch.cat([b_st, b_st.new_zeros(1, *b_st.shape[1:])])
-            if g is not None:
-                g = torch.cat([g, g.new_ones(1, g.shape[1])])
-        x3 = x.reshape(rows, -1, x.shape[-1]).to(dt)  # (rows, T, in)
-        h = torch.bmm(x3, a_st[pos].transpose(1, 2))  # (rows, T, in) @ (rows, in, r)
-        y = torch.bmm(h, b_st[pos].transpose(1, 2))  # (rows, T, r) @ (rows, r, out)
-        y = y.reshape(out.shape).to(out.dtype)
-        if g is None:
-            return out + y
-        gr = g[pos].to(out.dtype).view(rows, *([1] * (out.dim() - 2)), n_out)  # (rows, 1.., out)
-        b = _bias(layer)
-        if b is None:
-            return gr * (out + y)
-        return gr * (out - b + y) + b
-    # per token: group positions by adapter, pad, two batched matmuls, scatter back
     n = slots.numel()
-
-    def token_plan() -> tuple[Tensor, Tensor, int, Tensor]:
-        pos = torch.full_like(slots, -1)
-        for j, u in enumerate(used):
-            pos[slots == u] = j
-        valid = (pos >= 0).nonzero().squeeze(1)  # (k,) positions that use an adapter
-        grp = pos[valid]
-        order = torch.argsort(grp, stable=True)
-        tok = valid[order]  # positions sorted by group
-        counts = torch.bincount(grp, minlength=len(used))
-        width = int(counts.max())
-        starts = torch.cumsum(counts, 0) - counts
-        g_sorted = grp[order]
-        dest = g_sorted * width + (torch.arange(tok.numel(), device=tok.device) - starts[g_sorted])
-        return tok, dest, width, pos
-
-    tok, dest, width, pos = route.plan(
-        ("tokens", id(layer.__dict__.get("_peftkit_slot_map")), lead), token_plan
-    )
-    xf = x.reshape(n, x.shape[-1]).to(dt)
-    xp = xf.new_zeros(len(used) * width, xf.shape[-1]).index_copy(0, dest, xf[tok])
-    h = torch.bmm(xp.view(len(used), width, -1), a_st.transpose(1, 2))  # (U, L, r)
-    y = torch.bmm(h, b_st.transpose(1, 2)).reshape(-1, n_out)  # (U·L, out)
+    xf = x.reshape(n, x.shape[-1]).to(st.a.dtype)
     of = out.reshape(n, n_out)
-    if g is None:
-        return of.index_add(0, tok, y[dest].to(out.dtype)).view(out.shape)
-    ext = torch.cat([g, g.new_ones(1, n_out)]).to(out.dtype)  # base positions: g = 1
-    gt = ext[torch.where(pos >= 0, pos, len(used))]  # (n, out)
-    full = of.new_zeros(n, n_out).index_add(0, tok, y[dest].to(out.dtype))
+    if n <= MASKED_MAX_POSITIONS:
+
+        def mask() -> Tensor:
+            cols = torch.arange(st.a.shape[0], device=pos.device).repeat_interleave(st.rank)
+            return (cols[None, :] == pos[:, None]).to(st.a.dtype)  # (n, (U+1)·r)
+
+        m = route.plan(("mask", tag, lead, st.rank), mask)
+        y = F.linear(F.linear(xf, st.a_cat) * m, st.b_cat)  # (n, (U+1)·r) -> (n, out)
+    elif route.per_row(lead):
+        rows = lead[0]
+        rpos = pos.view(rows, -1)[:, 0]  # (rows,)
+        x3 = xf.view(rows, -1, xf.shape[-1])  # (rows, T, in)
+        h = torch.bmm(x3, st.a[rpos].transpose(1, 2))  # (rows, T, in) @ (rows, in, r)
+        y = torch.bmm(h, st.b[rpos].transpose(1, 2)).view(n, n_out)  # (rows, T, out)
+    else:
+        # per token: group the positions by adapter, pad to the largest group, two bmm's
+        def groups() -> tuple[Tensor, Tensor, int]:
+            valid = (pos < len(used)).nonzero().squeeze(1)
+            grp = pos[valid]
+            order = torch.argsort(grp, stable=True)
+            tok = valid[order]  # positions sorted by group
+            counts = torch.bincount(grp, minlength=len(used))
+            width = int(counts.max())
+            starts = torch.cumsum(counts, 0) - counts
+            gs = grp[order]
+            dest = gs * width + (torch.arange(tok.numel(), device=tok.device) - starts[gs])
+            return tok, dest, width
+
+        tok, dest, width = route.plan(("groups", tag, lead), groups)
+        u = len(used)
+        xp = xf.new_zeros(u * width, xf.shape[-1]).index_copy(0, dest, xf[tok])
+        h = torch.bmm(xp.view(u, width, -1), st.a[:u].transpose(1, 2))  # (U, L, r)
+        yg = torch.bmm(h, st.b[:u].transpose(1, 2)).reshape(-1, n_out)  # (U·L, out)
+        y = yg.new_zeros(n, n_out).index_copy(0, tok, yg[dest])
+    y = y.to(out.dtype)
+    if st.g is None:
+        return (of + y).view(out.shape)
+    g = st.g.to(out.dtype)[pos]  # (n, out): DoRA's m/‖W + sBA‖ per position, 1 for the base
     b = _bias(layer)
-    res = gt * (of + full) if b is None else gt * (of - b + full) + b
+    res = g * (of + y) if b is None else g * (of - b + y) + b
     return res.view(out.shape)
 
 
 def _per_adapter(
-    layer: AdaptedLayer,
     ads: list[Adapter],
     used: list[int],
     slots: Tensor,
