@@ -90,7 +90,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
                 continue
         kind_of = module.base if isinstance(module, AdaptedLayer) else module
         if tm == "all-linear":
-            if layer_kind(kind_of) not in ("linear", "conv1d", NF4) or kind_of is head:
+            if layer_kind(kind_of) not in ("linear", "conv1d", NF4) or head in (kind_of, module):
                 continue
             if _tail_match(name, saved):
                 continue

@@ -206,7 +206,8 @@ def _stack(layer: AdaptedLayer, ads: list[Adapter], used: list[int]) -> _Stack |
     """The :class:`_Stack` of ``ads`` (the adapters at ``used``), or None when one of them has
     no LoRA form here. Cached while nothing can change it: no grad, the same tensor versions."""
     caching = not torch.is_grad_enabled()
-    key = (tuple(used), _versions(ads)) if caching else None
+    # Note: the base's versions too: DoRA's g reads ‖W + sBA‖.
+    key = (tuple(used), _versions([*ads, layer.base])) if caching else None
     cache = layer.__dict__.get("_peftkit_stack")
     if caching and cache is not None and cache[0] == key:
         return cache[1]  # type: ignore[no-any-return]
