@@ -190,6 +190,23 @@ def config_table(name: str) -> str:
             "dataclass:\n\n" + "\n".join(rows) + "\n\nFrom its docstring:\n\n> " + doc.replace("\n", "\n> ") + "\n")
 
 
+def signature_table(name: str) -> str:
+    """A function's parameters with their defaults, from its signature."""
+    import peftkit
+
+    fn = getattr(peftkit, name, None)
+    if fn is None or not callable(fn):
+        raise PluginError(f"peftkit:signature {name}: not a function in peftkit")
+    rows = ["| parameter | type | default |", "|---|---|---|"]
+    for p in inspect.signature(fn).parameters.values():
+        default = "required" if p.default is p.empty else f"`{p.default!r}`"
+        kind = " (keyword-only)" if p.kind is p.KEYWORD_ONLY else ""
+        ann = "" if p.annotation is p.empty else f"`{p.annotation}`"
+        rows.append(f"| `{p.name}`{kind} | {ann} | {default} |")
+    return (f"`peftkit.{name}` ([API](../reference/api.md#peftkit.{name})), generated from its "
+            "signature:\n\n" + "\n".join(rows) + "\n")
+
+
 # -- hooks ---------------------------------------------------------------------------------------
 def on_config(config: Any) -> Any:
     check_docstrings(public_names())
@@ -224,6 +241,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         kind, arg = m.group(1), m.group(2)
         if kind == "config" and arg:
             return config_table(arg)
+        if kind == "signature" and arg:
+            return signature_table(arg)
         if kind == "measured" and arg:
             if arg not in report.DOC_METHODS:
                 raise PluginError(f"{page.file.src_uri}: no method {arg!r} in bench/report.py")
@@ -233,3 +252,12 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         raise PluginError(f"{page.file.src_uri}: unknown placeholder {m.group(0)}")
 
     return PLACEHOLDER.sub(sub, markdown)
+
+
+SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj):<code>~?([^<]+)</code>")
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Files) -> str:
+    """Docstrings use Sphinx roles (``:func:`attach```); show them as the code they name."""
+    return SPHINX_ROLE.sub(lambda m: f"<code>{m.group(1)}</code>", html)
+
