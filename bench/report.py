@@ -191,15 +191,25 @@ def q1_rows(variants: Iterable[str], src: _Sources, results: Path = RESULTS) -> 
 
 def step_rows(name: str, variants: Iterable[str], src: _Sources,
               results: Path = RESULTS) -> list[list[str]]:
+    """Rows of a step benchmark (W1, W5): ours, then PEFT's figures where the run has them."""
     out = []
     for v in variants:
         for row, run in rows_of(name, "variant", v, results):
             peer = row.get("step_over_peer")
+            label = row.get("label")  # imported rows keep the README's label, caveats included
+            cell = f"`{v}`" + (f"<br><small>{label}</small>" if label else "")
+            peft_step = row.get("peft_step_over_floor")
             out.append([
-                f"`{v}`", fmt_spread(row.get("step_over_floor")), fmt_spread(peer),
-                fmt_mib(row.get("saved_above_floor_mib")), src.cite(run),
+                cell, fmt_spread(row.get("step_over_floor")), fmt_spread(peer),
+                fmt_mib(row.get("saved_above_floor_mib")),
+                "—" if peft_step is None else f"{peft_step:.3f}",
+                fmt_mib(row.get("peft_saved_above_floor_mib")), src.cite(run),
             ])
     return out
+
+
+STEP_HEAD = ["variant", "step / floor", "step / peer", "saved activations above the floor",
+             "PEFT's step / floor", "PEFT's saved above the floor", "run"]
 
 
 def method_section(slug: str, results: Path = RESULTS) -> str:
@@ -213,8 +223,7 @@ def method_section(slug: str, results: Path = RESULTS) -> str:
                      "batch 4 × 256, fp32, r 16 on all seven projections), as a ratio to the "
                      "frozen floor, median [quartiles] of per-round ratios; the peer is PEFT's "
                      "counterpart (QLoRA's: peftkit's dense LoRA).\n")
-        parts.append(md_table(["variant", "step / floor", "step / peer",
-                               "saved activations above the floor", "run"], w1) + "\n")
+        parts.append(md_table(STEP_HEAD, w1) + "\n")
     elif m.w1:
         parts.append(f"**W1**: no recorded run has measured `{'`, `'.join(m.w1)}` yet "
                      f"(`python bench/w1.py {' '.join(m.w1)}` records one).\n")
@@ -222,8 +231,7 @@ def method_section(slug: str, results: Path = RESULTS) -> str:
     if w5:
         parts.append("**W5: a real model**, SmolLM2-135M-Instruct, one training step at batch "
                      "8 × 128, fp32, r 16 on all seven projections.\n")
-        parts.append(md_table(["variant", "step / floor", "step / PEFT's",
-                               "saved activations above the floor", "run"], w5) + "\n")
+        parts.append(md_table(STEP_HEAD, w5) + "\n")
     q1 = q1_rows(m.q1, src, results)
     if q1:
         parts.append("**Q1: quality on the default task**, all-MiniLM-L6-v2 on VADER, 100 steps × "

@@ -28,6 +28,8 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
         losses.append(loss.item())
     return losses
 
+
+# --8<-- [start:method]
 config = peftkit.AdaLoraConfig(init_r=12, target_r=4, total_step=30, tinit=5, tfinal=5,
                                deltaT=2, lora_alpha=16, target_modules="all-linear")
 model = peftkit.adapt(tiny_llama(), config)
@@ -40,3 +42,4 @@ with tempfile.TemporaryDirectory() as out:
     kept = [sum(mask) for mask in pattern.values()]
     print(f"ranks kept per matrix: {kept}; total {sum(kept)} of {12 * len(kept)}")
     assert sum(kept) == 4 * len(kept)  # the final budget: target_r on average
+# --8<-- [end:method]

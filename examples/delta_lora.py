@@ -28,6 +28,8 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
         losses.append(loss.item())
     return losses
 
+
+# --8<-- [start:method]
 model = peftkit.adapt(tiny_llama(), peftkit.DeltaLoraConfig(
     r=8, lora_alpha=16, delta_lambda=2.0, warmup_steps=3, target_modules=["q_proj", "v_proj"]))
 q = model.model.layers[0].self_attn.q_proj
@@ -43,3 +45,4 @@ with tempfile.TemporaryDirectory() as out, torch.no_grad():
     print("exported rank:", peftkit.read_adapter_config(out)["r"])
     torch.testing.assert_close(plain(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
                                atol=1e-4, rtol=1e-4)
+# --8<-- [end:method]

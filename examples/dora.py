@@ -27,6 +27,7 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
     return losses
 
 
+# --8<-- [start:method]
 config = peftkit.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules="all-linear")
 model = peftkit.adapt(tiny_llama(), config)
 q = model.model.layers[0].self_attn.q_proj
@@ -41,3 +42,4 @@ with torch.no_grad():
     before = model(input_ids=ids).logits
     peftkit.merge(model)  # exact: W' = diag(m / ||W + sBA||) (W + sBA)
     torch.testing.assert_close(model(input_ids=ids).logits, before, atol=1e-5, rtol=1e-5)
+# --8<-- [end:method]

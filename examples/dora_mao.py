@@ -28,6 +28,8 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
         losses.append(loss.item())
     return losses
 
+
+# --8<-- [start:method]
 config = peftkit.DoraDynamicConfig(target_r=4, init_r=8, total_step=40, prune_interval=2,
                                    lora_dropout=0.0, lora_alpha=16, target_modules="all-linear")
 model = peftkit.adapt(tiny_llama(), config)
@@ -39,3 +41,4 @@ with tempfile.TemporaryDirectory() as out:
     ranks = peftkit.read_adapter_config(out)["rank_pattern"]
     print(f"surviving components: {sum(ranks.values())} of {8 * len(ranks)}")
     assert sum(ranks.values()) < 8 * len(ranks)  # pruning has run
+# --8<-- [end:method]

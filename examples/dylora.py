@@ -28,6 +28,8 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
         losses.append(loss.item())
     return losses
 
+
+# --8<-- [start:method]
 config = peftkit.DyLoraConfig(r=8, lora_alpha=16, target_modules="all-linear", seed=0)
 model = peftkit.adapt(tiny_llama(), config)
 losses = train(model, steps=20)  # each optimizer step draws one rank b ~ U{1..8} (the hook)
@@ -45,3 +47,4 @@ with torch.no_grad():
         plain = peftkit.load_adapter(tiny_llama(), out).eval()
         torch.testing.assert_close(plain(input_ids=ids).logits,
                                    peftkit.set_rank(model, 4)(input_ids=ids).logits)
+# --8<-- [end:method]

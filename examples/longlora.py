@@ -26,6 +26,8 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
         losses.append(loss.item())
     return losses
 
+
+# --8<-- [start:method]
 config = peftkit.LongLoraConfig(r=8, group_size_ratio=0.25, context_factor=2.0)
 model = peftkit.adapt(tiny_llama(), config)  # q/k/v/o, embed_tokens and every *norm trained
 full = [n.removesuffix(".trained.weight") for n, p in model.named_parameters()
@@ -44,3 +46,4 @@ print(f"LongLoRA: last training loss {loss.item():.3f}")
 model.eval()  # eval mode: the model's own full attention, positions interpolated x2
 with torch.no_grad():
     print(f"eval loss at 256 tokens: {model(input_ids=ids, labels=ids).loss.item():.3f}")
+# --8<-- [end:method]

@@ -29,6 +29,7 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
     return losses
 
 
+# --8<-- [start:method]
 config = peftkit.LoraConfig(r=8, lora_alpha=16, use_rslora=True,  # s = alpha / sqrt(r)
                             target_modules=["q_proj", "v_proj"])
 model = peftkit.adapt(tiny_llama(), config)
@@ -41,3 +42,4 @@ with tempfile.TemporaryDirectory() as out, torch.no_grad():
     peftkit.save_adapter(model, out)  # adapter_config.json + adapter_model.safetensors
     again = peftkit.load_adapter(tiny_llama(), out)
     assert torch.equal(again.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+# --8<-- [end:method]

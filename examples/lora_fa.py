@@ -26,6 +26,8 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
         losses.append(loss.item())
     return losses
 
+
+# --8<-- [start:method]
 config = peftkit.LoraFAConfig(r=8, lora_alpha=16, target_modules="all-linear",
                               gradient_correction=True)  # LoRA-FA v2's B-gradient projection
 model = peftkit.adapt(tiny_llama(), config)
@@ -34,3 +36,4 @@ print("trained:", trained)  # lora_B only
 losses = train(model)
 print(f"LoRA-FA: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 assert trained == ["lora_B"] and losses[-1] < losses[0]
+# --8<-- [end:method]

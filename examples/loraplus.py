@@ -26,6 +26,8 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
         losses.append(loss.item())
     return losses
 
+
+# --8<-- [start:method]
 model = peftkit.adapt(tiny_llama(), peftkit.LoraConfig(r=8, target_modules="all-linear"))
 groups = peftkit.param_groups(model, lr=1e-3, loraplus_ratio=16)
 for g in groups:
@@ -34,3 +36,4 @@ opt = torch.optim.AdamW(groups)
 losses = train(model, optimizer=opt)
 print(f"LoRA+: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 assert losses[-1] < losses[0]
+# --8<-- [end:method]

@@ -29,6 +29,7 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
     return losses
 
 
+# --8<-- [start:method]
 models = {}
 for mora_type in (6, 1):  # 6: RoPE rotation, full rank; 1: sharing, rank <= r-hat
     model = peftkit.adapt(tiny_llama(), peftkit.MoraConfig(r=8, mora_type=mora_type,
@@ -47,3 +48,4 @@ with tempfile.TemporaryDirectory() as out:  # type 1's update has rank <= r-hat:
         torch.testing.assert_close(lora(input_ids=ids).logits,
                                    models[1].eval()(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
     print("type 1 exported as a plain LoRA:", peftkit.read_adapter_config(out)["r"])
+# --8<-- [end:method]

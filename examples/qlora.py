@@ -26,6 +26,8 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
         losses.append(loss.item())
     return losses
 
+
+# --8<-- [start:method]
 model = peftkit.quantize_(tiny_llama())  # every nn.Linear but the output head -> NF4Linear
 print(type(model.model.layers[0].self_attn.q_proj).__name__)
 peftkit.adapt(model, peftkit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
@@ -40,3 +42,4 @@ except (TypeError, ValueError) as e:
 ids = torch.arange(16).unsqueeze(0)
 dense = peftkit.merge_and_unload(model.eval(), probe=ids)  # a dense model, checked on the probe
 print(type(dense.model.layers[0].self_attn.q_proj).__name__)
+# --8<-- [end:method]

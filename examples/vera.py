@@ -27,6 +27,7 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
     return losses
 
 
+# --8<-- [start:method]
 config = peftkit.VeraConfig(r=64, target_modules=["q_proj", "v_proj"])
 model = peftkit.adapt(tiny_llama(), config)
 names = sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad})
@@ -34,3 +35,4 @@ print("trained:", names, "-", peftkit.trainable_parameters(model)[0], "parameter
 losses = train(model, lr=5e-2)  # VeRA wants a larger learning rate than LoRA
 print(f"VeRA: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 assert losses[-1] < losses[0]
+# --8<-- [end:method]
