@@ -159,6 +159,16 @@ def test_examples_are_included_not_copied() -> None:
             assert len(pasted) < 3, f"{md.name} copies {ex.name}: {pasted[:2]}"
 
 
+def test_every_python_block_is_an_included_example() -> None:
+    for md in DOCS.rglob("*.md"):
+        for block in re.findall(r"```python\n(.*?)```", md.read_text(encoding="utf-8"), flags=re.S):
+            lines = [x.strip() for x in block.strip().splitlines()]
+            assert lines and all(x.startswith('--8<-- "examples/') for x in lines), (
+                f"{md.relative_to(DOCS)}: a python block that is not an included example: "
+                f"{block[:80]!r}"
+            )
+
+
 def test_numbers_on_the_pages_come_from_bench_results(site: Path) -> None:
     report = _report()
     # the chooser's table is the one bench/report.py builds from the results files
