@@ -186,8 +186,9 @@ def config_table(name: str) -> str:
         + " | see [Concepts](../concepts.md#what-to-adapt) |"
     )
     doc = inspect.getdoc(cls) or ""
+    quoted = "> " + doc.replace("\n", "\n> ")
     return (f"`peftkit.{name}` ([API](../reference/api.md#peftkit.{name})), generated from the "
-            "dataclass:\n\n" + "\n".join(rows) + "\n\nFrom its docstring:\n\n> " + doc.replace("\n", "\n> ") + "\n")
+            "dataclass:\n\n" + "\n".join(rows) + "\n\nFrom its docstring:\n\n" + quoted + "\n")
 
 
 def signature_table(name: str) -> str:

@@ -37,7 +37,7 @@ assert "model.embed_tokens" in full and "model.norm" in full
 
 ids = torch.randint(0, 128, (2, 256), generator=torch.Generator().manual_seed(0))
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-for step in range(5):  # training mode: S2-Attn, groups of 256 / 4 = 64 tokens
+for _ in range(5):  # training mode: S2-Attn, groups of 256 / 4 = 64 tokens
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     opt.step()

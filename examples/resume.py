@@ -42,13 +42,13 @@ with tempfile.TemporaryDirectory() as ckpt:
     opt = start(first)
     steps(first, opt, 3)
     peftkit.save_adapter(first, f"{ckpt}/adapter")
-    torch.save(opt.state_dict(), f"{ckpt}/optimizer.pt")  # includes opt.state_dict()["peftkit_hooks"]
+    torch.save(opt.state_dict(), f"{ckpt}/optimizer.pt")  # with its "peftkit_hooks" entry
 
     resumed = peftkit.load_adapter(tiny_llama(), f"{ckpt}/adapter", trainable=True)
     opt = start(resumed)  # attach before loading the optimizer state, so the hooks get theirs
     opt.load_state_dict(torch.load(f"{ckpt}/optimizer.pt"))
     steps(resumed, opt, 3)
 
-for (name, a), (_, b) in zip(peftkit.adapters(straight), peftkit.adapters(resumed)):
+for (name, a), (_, b) in zip(peftkit.adapters(straight), peftkit.adapters(resumed), strict=True):
     torch.testing.assert_close(a.lora_B, b.lora_B, msg=name)
 print("6 steps in one run == 3 steps, save, load, 3 steps")
