@@ -232,7 +232,8 @@ def import_q1_log(path: Path) -> list[dict[str, Any]]:
         count, unit = trainable.split()
         runs.append({
             "source": f"bench/q1_results.md line {n}, written by bench/q1.py (imported by "
-            "bench/import_history.py)",
+            "bench/import_history.py; the log keeps no command line, so the command is the "
+            "one-variant form that reproduces the row)",
             "command": f"python bench/q1.py {variant}",
             "date": date,
             "machine": {"description": "the shared 2-core CPU machine", "torch_threads":

@@ -101,6 +101,8 @@ def test_a_public_name_without_a_docstring_fails_the_build() -> None:
     hooks.check_docstrings(["adapt", "LoraConfig", "METHODS"])  # documented: passes
     with pytest.raises(PluginError, match="no_such_name"):
         hooks.check_docstrings(["adapt", "no_such_name"])
+    with pytest.raises(PluginError, match="__version__"):  # exists, but has no docstring
+        hooks.check_docstrings(["adapt", "__version__"])
 
 
 def test_cli_reference_lists_every_subcommand(site: Path) -> None:
