@@ -332,13 +332,32 @@ class ChooserRow:
     acc: list[float] | None = None
     q1_saved: float | None = None
     q1_run: dict[str, Any] | None = None
-    step: list[float] | None = None
+    step: list[float] | None = None  # from the W1 base run (see chooser_rows)
     w1_saved: float | None = None
-    w1_runs: list[dict[str, Any]] = field(default_factory=list)
+    w1_run: dict[str, Any] | None = None
+    newer_step: float | None = None  # a later W1 run's median, where one measured the variant
+    newer_run: dict[str, Any] | None = None
+
+
+def w1_base_run(results: Path = RESULTS) -> dict[str, Any] | None:
+    """The W1 run that measured the most of the chooser's methods (the newest such run): time
+    ratios compare across methods only within one process, so the chooser takes them from one."""
+    wanted = {w for _, w, _ in CHOOSER.values() if w}
+    best, best_n = None, 0
+    for run in runs("w1", results):
+        n = len(wanted & {r.get("variant") for r in run["rows"]
+                          if r.get("step_over_floor") is not None})
+        if n >= best_n and n > 0:
+            best, best_n = run, n
+    return best
 
 
 def chooser_rows(results: Path = RESULTS) -> list[ChooserRow]:
-    """Per method: its newest Q1 row, and the newest W1 run that measured each W1 figure."""
+    """Per method: its newest Q1 row; W1 figures from the base run, plus a later run's median
+    step ratio where a later run measured the method again."""
+    base = w1_base_run(results)
+    base_index = next((i for i, r in enumerate(runs("w1", results))
+                       if base is not None and source_note(r) == source_note(base)), -1)
     out = []
     for label, (q1v, w1v, page) in CHOOSER.items():
         c = ChooserRow(label, page)
@@ -346,16 +365,15 @@ def chooser_rows(results: Path = RESULTS) -> list[ChooserRow]:
         if found:
             row, c.q1_run = found
             c.trainable, c.acc, c.q1_saved = row["trainable"], row["acc"], row["saved_mib"]
-        if w1v is not None:
-            step = latest("w1", "variant", w1v, "step_over_floor", results)
-            saved = latest("w1", "variant", w1v, "saved_above_floor_mib", results)
-            if step:
-                c.step = step[0]["step_over_floor"]
-                c.w1_runs.append(step[1])
-            if saved:
-                c.w1_saved = saved[0]["saved_above_floor_mib"]
-                if not step or source_note(saved[1]) != source_note(step[1]):
-                    c.w1_runs.append(saved[1])
+        if w1v is not None and base is not None:
+            row = next((r for r in base["rows"] if r.get("variant") == w1v), None)
+            if row is not None:
+                c.step, c.w1_saved, c.w1_run = (row.get("step_over_floor"),
+                                                row.get("saved_above_floor_mib"), base)
+            for later in runs("w1", results)[base_index + 1:]:
+                for r in later["rows"]:
+                    if r.get("variant") == w1v and r.get("step_over_floor"):
+                        c.newer_step, c.newer_run = r["step_over_floor"][0], later
         out.append(c)
     return out
 
@@ -367,15 +385,19 @@ def chooser_table(results: Path = RESULTS, link_prefix: str = "methods/") -> str
         name = f"[{c.label}]({link_prefix}{c.page}.md)" if c.page else c.label
         acc = (f"{sum(c.acc) / len(c.acc):.3f} ({' / '.join(f'{a:.3f}' for a in c.acc)})"
                if c.acc else "—")
-        runs_cited = [src.cite(r) for r in ([c.q1_run] if c.q1_run else []) + c.w1_runs]
+        step = fmt_spread(c.step)
+        if c.w1_run is not None and c.step:
+            step += f" ({src.cite(c.w1_run)})"
+        if c.newer_step is not None and c.newer_run is not None:
+            step += f"; a later run: {c.newer_step:.3f} ({src.cite(c.newer_run)})"
+        q1 = f" ({src.cite(c.q1_run)})" if c.q1_run else ""
         rows.append([
-            name, fmt_count(c.trainable) if c.trainable is not None else "—", acc,
+            name, fmt_count(c.trainable) if c.trainable is not None else "—", acc + q1,
             f"{c.q1_saved:.1f} MiB" if c.q1_saved is not None else "—",
-            fmt_spread(c.step), fmt_mib(c.w1_saved), ", ".join(runs_cited),
+            step, fmt_mib(c.w1_saved),
         ])
     table = md_table(["method", "trainable (Q1)", "Q1 accuracy, mean (seeds 0 / 1)",
-                      "Q1 saved activations", "W1 step / floor", "W1 saved above floor", "runs"],
-                     rows)
+                      "Q1 saved activations", "W1 step / floor", "W1 saved above floor"], rows)
     return table + "\n\n" + src.render()
 
 
@@ -448,23 +470,33 @@ def plots(results: Path = RESULTS) -> dict[str, bytes]:
     ax.grid(True, alpha=0.3)
     out["accuracy_vs_params.png"] = png(fig)
 
-    # 2. step time (W1, ratio to the frozen floor)
+    # 2. step time (W1, ratio to the frozen floor), all from one run; later runs as markers
     have = [c for c in rows if c.step]
     missing = [c.label for c in rows if not c.step]
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(have) + 1.6))
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(have) + 1.8))
     ys = list(range(len(have)))[::-1]
+    newer_drawn = False
     for y, c in zip(ys, have, strict=True):
-        med = c.step[0]  # type: ignore[index]
-        lo, hi = (c.step[1], c.step[2]) if len(c.step) >= 3 else (med, med)  # type: ignore[index,arg-type]
+        step = c.step or []
+        med = step[0]
+        lo, hi = (step[1], step[2]) if len(step) >= 3 else (med, med)
         ax.barh(y, med - 1.0, left=1.0, color="tab:blue", alpha=0.7)
         ax.errorbar(med, y, xerr=[[med - lo], [hi - med]], fmt="none", color="black", capsize=3)
         ax.text(max(hi, med) + 0.005, y, f"{med:.3f}", va="center", fontsize=8)
+        if c.newer_step is not None:
+            ax.plot([c.newer_step], [y], marker="D", color="tab:orange", linestyle="none",
+                    label=None if newer_drawn else "a later run (its own floor)")
+            newer_drawn = True
     ax.set_yticks(ys, [c.label for c in have])
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("W1 step time / frozen floor (median, bars: quartiles); 1.0 = the floor")
-    ax.set_title("W1: one training step, random-init Llama 512 × 4, CPU")
+    when = run_id(rows[0].w1_run) if rows and rows[0].w1_run else ""
+    ax.set_title(f"W1: one training step, random-init Llama 512 × 4, CPU (one run, {when})",
+                 fontsize=10)
+    if newer_drawn:
+        ax.legend(loc="lower right", fontsize=8)
     if missing:
-        fig.text(0.01, 0.01, "not measured in W1: " + ", ".join(missing), fontsize=7)
+        fig.text(0.01, 0.01, "not measured in that run: " + ", ".join(missing), fontsize=7)
     ax.grid(True, axis="x", alpha=0.3)
     out["step_time.png"] = png(fig)
 
