@@ -175,9 +175,11 @@ def config_table(name: str) -> str:
     cls = getattr(peftkit, name, None)
     if cls is None or not dataclasses.is_dataclass(cls):
         raise PluginError(f"peftkit:config {name}: not a config class in peftkit")
-    shared = {f.name for f in dataclasses.fields(AdapterConfig)}
-    own = [f for f in dataclasses.fields(cls) if f.name not in shared]
-    base = [f for f in dataclasses.fields(cls) if f.name in shared]
+    shared = {f.name: _default(f) for f in dataclasses.fields(AdapterConfig)}
+    # a shared field whose default this config changes (LongLoRA's target_modules) is its own
+    own = [f for f in dataclasses.fields(cls)
+           if f.name not in shared or _default(f) != shared[f.name]]
+    base = [f for f in dataclasses.fields(cls) if f not in own]
     rows = ["| field | type | default |", "|---|---|---|"]
     for f in own:
         rows.append(f"| `{f.name}` | `{f.type}` | {_default(f)} |")
