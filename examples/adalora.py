@@ -30,10 +30,10 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
 
 
 # --8<-- [start:method]
-config = peftkit.AdaLoraConfig(init_r=12, target_r=4, total_step=30, tinit=5, tfinal=5,
+config = peftkit.AdaLoraConfig(init_r=12, target_r=4, total_step=20, tinit=4, tfinal=4,
                                deltaT=2, lora_alpha=16, target_modules="all-linear")
 model = peftkit.adapt(tiny_llama(), config)
-losses = train(model, steps=30)  # peftkit.attach runs the budget schedule; nothing to call
+losses = train(model, steps=20)  # peftkit.attach runs the budget schedule; nothing to call
 print(f"AdaLoRA: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
 with tempfile.TemporaryDirectory() as out:
