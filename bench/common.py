@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gc
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -139,8 +141,9 @@ def print_report(
     times: dict[str, list[float]],
     saved: dict[str, int],
     peer_header: str,
-) -> None:
-    """The markdown table: step / floor, step / peer, saved activations above the floor."""
+) -> list[dict[str, Any]]:
+    """The markdown table: step / floor, step / peer, saved activations above the floor; returns
+    the same figures as rows for :func:`write_results`."""
     floor = ratio_stats(times, "floor")
     floor_s = sorted(times["floor"])[len(times["floor"]) // 2]
     print(f"{title}; floor step {floor_s:.3f} s")
@@ -148,15 +151,30 @@ def print_report(
     print(f"| variant | step / floor (median [q1, q3]) | {peer_header} "
           "| saved activations above floor |")
     print("|---|---|---|---|")
+    rows: list[dict[str, Any]] = []
     for n in names:
         med, q1, q3 = floor[n]
         peer = variants[n][1]
         vs = "—"
+        row: dict[str, Any] = {"variant": n, "step_over_floor": [med, q1, q3], "peer": None}
         if peer is not None and peer in times:
             pm, pq1, pq3 = ratio_stats(times, peer)[n]
             vs = f"{pm:.3f} [{pq1:.3f}, {pq3:.3f}]"
+            row.update(peer=peer, step_over_peer=[pm, pq1, pq3])
         extra = (saved[n] - saved["floor"]) / 2**20
+        row.update(saved_above_floor_mib=extra, step_seconds_median=statistics.median(times[n]))
+        rows.append(row)
         print(f"| {n} | {med:.3f} [{q1:.3f}, {q3:.3f}] | {vs} | {extra:+.1f} MiB |")
+    return rows
+
+
+#: Units of the rows :func:`print_report` returns.
+STEP_UNITS = {
+    "step_over_floor": "median, q1, q3 of the per-round ratio of step time to the frozen floor",
+    "step_over_peer": "median, q1, q3 of the per-round ratio of step time to the peer's",
+    "saved_above_floor_mib": "MiB autograd saves for backward above the floor (deterministic)",
+    "step_seconds_median": "absolute seconds (shared machine: compare ratios, not these)",
+}
 
 
 def ratio_stats(times: dict[str, list[float]], ref: str) -> dict[str, tuple[float, float, float]]:
@@ -167,3 +185,83 @@ def ratio_stats(times: dict[str, list[float]], ref: str) -> dict[str, tuple[floa
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         out[name] = (statistics.median(ratios), q[0], q[2])
     return out
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def run_record(source: str = "bench run") -> dict[str, Any]:
+    """What every result carries: the command, the date, the machine and the library versions."""
+    import datetime
+    import os
+    import platform
+    import shlex
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", "bitsandbytes", "peftkit"):
+        try:
+            versions[dist] = version(dist)
+        except PackageNotFoundError:
+            versions[dist] = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = bool(subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10,
+        ).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {
+        "source": source,
+        "command": "python " + shlex.join(sys.argv),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+        "versions": versions,
+        "git": {"commit": commit, "dirty": dirty},
+    }
+
+
+def write_results(
+    name: str,
+    rows: list[dict[str, Any]],
+    *,
+    units: dict[str, str] | None = None,
+    notes: str | None = None,
+    results_dir: Path | None = None,
+) -> Path:
+    """Append one run to ``bench/results/<name>.json`` (a list of runs, oldest first).
+
+    ``rows`` are plain dicts of numbers and strings, one per measured variant; ``units`` says what
+    each numeric column means. The run records its command, date, machine and versions
+    (:func:`run_record`), so every number in the docs can be traced to the run that produced it
+    (``bench/report.py`` builds the docs' tables and plots from these files). The folder can be
+    redirected with ``PEFTKIT_RESULTS_DIR`` (smoke runs)."""
+    import json
+    import os
+
+    folder = Path(results_dir or os.environ.get("PEFTKIT_RESULTS_DIR") or RESULTS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    doc: dict[str, Any] = {"benchmark": name, "runs": []}
+    if path.is_file():
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    run = run_record()
+    run.update({"units": units or {}, "notes": notes, "rows": rows})
+    doc["runs"].append(run)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    print(f"results: appended a run of {len(rows)} row(s) to {path}", file=sys.stderr)
+    return path

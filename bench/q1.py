@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import saved_activation_bytes  # noqa: E402
+from common import saved_activation_bytes, write_results  # noqa: E402
 
 import peftkit  # noqa: E402
 from peftkit import train as T  # noqa: E402
@@ -231,6 +231,28 @@ def row(r: dict[str, Any], threads: int) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+Q1_UNITS = {
+    "acc": "held-out accuracy (1,000 sentences), one value per seed (0, 1)",
+    "dev": "dev accuracy (500 sentences) of the seed-0 run at each lr of the grid",
+    "step_seconds": "median step time of the chosen-lr runs (absolute; compare one machine only)",
+    "saved_mib": "MiB autograd saves for backward on a fixed 32 x 64 batch (deterministic)",
+}
+
+
+def json_row(r: dict[str, Any]) -> dict[str, Any]:
+    """The row as ``bench/results/q1.json`` keeps it (exact counts, unrounded)."""
+    return {
+        "variant": r["variant"],
+        "trainable": r["trainable"],
+        "acc": r["acc"],
+        "lr": r["lr"],
+        "dev": {f"{lr:g}": a for lr, a in r["dev"].items()},
+        "step_seconds": r["step"],
+        "saved_mib": r["saved"] / 2**20,
+        "steps": r["steps"],
+    }
+
+
 def append(path: Path, rows: Sequence[str]) -> None:
     if not path.is_file() or not path.read_text(encoding="utf-8").strip():
         head = HEADER.format(steps=STEPS, batch=BATCH, max_length=MAX_LENGTH)
@@ -263,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
         result = run_variant(v, data, args.steps)
         line = row(result, args.threads)
         append(args.results, [line])  # each row as soon as it exists: a later crash loses none
+        if args.steps == STEPS:  # smoke runs stay out of bench/results
+            write_results("q1", [json_row(result)], units=Q1_UNITS, notes="one variant per run")
         print(f"{line}   [{time.perf_counter() - t0:.0f} s]", flush=True)
     print(
         f"\nappended {len(variants)} row(s) to {args.results} in "

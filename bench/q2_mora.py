@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from common import write_results  # noqa: E402
 
 import peftkit  # noqa: E402
 
@@ -175,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
             f"- {r['method']} lr {r['lr']:g}: final exact match {em:.3f}, mean over the curve "
             f"{mean_em:.3f}, {r['seconds']:.0f} s"
         )
+    rows = [{"method": r["method"], "lr": r["lr"], "seed": args.seed, "params": r["params"],
+             "final_exact_match": final(r)[0], "curve": r["curve"]} for r in results]
+    write_results("q2", rows, notes=f"{args.pairs} pairs, {args.steps} steps, r {args.r}",
+                  units={"curve": "(step, exact match, character accuracy) on the training pairs"})
 
 
 if __name__ == "__main__":

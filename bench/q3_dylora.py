@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from common import write_results  # noqa: E402
 
 import peftkit  # noqa: E402
 from peftkit.data import Example, minilm_path, vader  # noqa: E402
@@ -206,6 +209,14 @@ def main(argv: list[str] | None = None) -> None:
             cell([res[k][b] for res in results]) for k in ("dylora", "trunc_b", "trunc_r", "lora_b")
         ]
         print(f"| {b} | " + " | ".join(cells) + " |")
+    keys = {"dylora": "dylora", "trunc_b": "lora_truncated_alpha_over_b",
+            "trunc_r": "lora_truncated_alpha_over_r", "lora_b": "lora_trained_at_b"}
+    rows = [{"rank": b, "seeds": args.seeds,
+             **{name: [res[k][b] for res in results] for k, name in keys.items()}}
+            for b in range(1, args.r + 1)]
+    write_results("q3", rows, notes=f"{args.steps} steps x {args.batch}, lr {args.lr:g}, "
+                  f"r {args.r}, {n_eval} held-out examples",
+                  units={name: "held-out accuracy, one value per seed" for name in keys.values()})
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ on 2 quiet CPU cores. ``--base FILE`` caches the pre-trained model between runs.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -43,7 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import peftkit
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_results  # noqa: E402
+
+import peftkit  # noqa: E402
 
 VOCAB, MARK, KEY0, KEYS, FILLER0 = 128, 1, 2, 16, 18
 K = 4  # key length
@@ -267,6 +272,12 @@ def main() -> None:
         for name, accs in rows.items():
             acc = accs[col]
             print(f"| {name} | " + " | ".join(f"{acc[n]:.2f}" for n in eval_lengths) + " |")
+    out = [{"model": name, "needle": needle, "exact_match": {str(n): accs[col][n]
+                                                             for n in eval_lengths}}
+           for name, accs in rows.items()
+           for col, needle in ((0, "uniform"), (1, "last N/8 tokens"))]
+    write_results("q4", out, notes=f"{args.eval} samples per length",
+                  units={"exact_match": "fraction of samples, by context length in tokens"})
 
 
 if __name__ == "__main__":

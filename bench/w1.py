@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import (  # noqa: E402
+    STEP_UNITS,
     W1_TARGETS,
     Step,
     freeze_to_floor,
@@ -32,6 +33,7 @@ from common import (  # noqa: E402
     select_variants,
     w1_batch,
     w1_model,
+    write_results,
 )
 
 import peftkit  # noqa: E402
@@ -200,11 +202,14 @@ def main(argv: list[str] | None = None) -> None:
     saved = {n: saved_activation_bytes(m, lambda m=m: m(input_ids=ids, labels=ids))
              for n, m in models.items()}
     times = interleaved(steps, rounds=args.rounds, warmup=args.warmup)
-    print_report(
+    title = (
         f"W1: Llama 512x4, batch 4x256, fp32, {torch.get_num_threads()} threads, "
-        f"{args.rounds} interleaved rounds",
-        names, VARIANTS, times, saved, "step / peer (PEFT's; qlora: dense LoRA)",
-    )  # fmt: skip
+        f"{args.rounds} interleaved rounds"
+    )
+    peer_header = "step / peer (PEFT's; qlora: dense LoRA)"
+    rows = print_report(title, names, VARIANTS, times, saved, peer_header)
+    write_results("w1", rows, units=STEP_UNITS, notes=title)
+
 
 if __name__ == "__main__":
     main()

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from peftkit.quant import NF4Linear, nf4_dequantize, nf4_quantize
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_results  # noqa: E402
+
+from peftkit.quant import NF4Linear, nf4_dequantize, nf4_quantize  # noqa: E402
 
 
 def _median_pair(
@@ -79,8 +85,11 @@ def main() -> None:
     )
     print("| operation | peftkit (ms) | bitsandbytes (ms) | ratio |")
     print("|---|---|---|---|")
+    out: list[dict[str, object]] = []
     for name, ours, theirs in rows:
         print(f"| {name} | {ours * 1e3:.1f} | {theirs * 1e3:.1f} | {ours / theirs:.2f}x |")
+        out.append({"operation": name, "peftkit_ms": ours * 1e3, "bitsandbytes_ms": theirs * 1e3,
+                    "ratio": ours / theirs})
 
     n = w.numel()
     print("\n| storage | bytes | bits / param | vs fp32 |")
@@ -100,6 +109,10 @@ def main() -> None:
             f"| NF4Linear state_dict{' (DQ)' if dq else ''} | {nbytes:,} | "
             f"{8 * nbytes / n:.4f} | {nbytes / (4 * n):.4f} |"
         )
+        out.append({"operation": f"storage{' with double quantization' if dq else ''}",
+                    "bits_per_param": qq.bits_per_param, "vs_fp32": qq.nbytes / (4 * n)})
+    write_results("w2", out, notes=f"{args.size} x {args.size} fp32, median of {args.repeats}",
+                  units={"ratio": "peftkit time / bitsandbytes time, same process"})
 
 
 if __name__ == "__main__":

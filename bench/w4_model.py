@@ -22,7 +22,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Step, interleaved, ratio_stats, saved_activation_bytes, w1_batch, w1_model
+from common import (
+    Step,
+    interleaved,
+    ratio_stats,
+    saved_activation_bytes,
+    w1_batch,
+    w1_model,
+    write_results,
+)
 
 import peftkit
 
@@ -54,6 +62,7 @@ def main() -> None:
         "| saved / full |"
     )
     print("|---|---|---|---|---|---|---|")
+    out: list[dict[str, object]] = []
     for n in args.seq:
         ids = w1_batch(batch=1, seq=n)
         models = {name: build(ratio) for name, ratio in VARIANTS.items()}
@@ -75,7 +84,12 @@ def main() -> None:
                 f"| {saved[name] / saved['full']:.3f} |",
                 flush=True,
             )
+            out.append({"tokens": n, "attention": name, "step_seconds_median":
+                        statistics.median(times[name]), "step_over_full": [med, q1, q3],
+                        "saved_over_full": saved[name] / saved["full"]})
         del models
+    write_results("w4_model", out, notes=f"LongLoRA step, W1 Llama, {args.rounds} rounds",
+                  units={"step_over_full": "median, q1, q3 of the per-round time ratio to full"})
 
 
 if __name__ == "__main__":

@@ -15,14 +15,20 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from peftkit.attention import s2_attention
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_results  # noqa: E402
+
+from peftkit.attention import s2_attention  # noqa: E402
 
 Attention = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -99,6 +105,7 @@ def main() -> None:
         "| saved MiB | saved / full | score pairs / full |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    out: list[dict[str, object]] = []
     for n in args.seq:
         group = n // 4
         shape = (args.batch, args.heads, n, args.head_dim)
@@ -126,6 +133,15 @@ def main() -> None:
                 f"| {saved[name] / saved['full']:.3f} "
                 f"| {score_pairs(n, group, args.heads, name) / full_pairs:.3f} |"
             )
+            pairs = score_pairs(n, group, args.heads, name) / full_pairs
+            out.append({
+                "tokens": n, "group": group, "attention": name, "step_over_full": [med, q1, q3],
+                "saved_over_full": saved[name] / saved["full"], "score_pairs_over_full": pairs,
+            })
+    write_results(
+        "w4_s2", out, notes=f"one attention layer, {args.rounds} interleaved rounds",
+        units={"step_over_full": "median, q1, q3 of the per-round time ratio to full SDPA"},
+    )
 
 
 if __name__ == "__main__":

@@ -27,12 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import (  # noqa: E402
+    STEP_UNITS,
     W1_TARGETS,
     Step,
     interleaved,
     print_report,
     saved_activation_bytes,
     select_variants,
+    write_results,
 )
 
 import peftkit  # noqa: E402
@@ -124,11 +126,13 @@ def main(argv: list[str] | None = None) -> None:
     saved = {n: saved_activation_bytes(m, lambda m=m: m(input_ids=ids, labels=ids))
              for n, m in models.items()}  # fmt: skip
     times = interleaved(steps, rounds=args.rounds, warmup=args.warmup)
-    print_report(
+    title = (
         f"W5: SmolLM2-135M-Instruct, batch 8x128, fp32, {torch.get_num_threads()} threads, "
-        f"{args.rounds} interleaved rounds",
-        names, VARIANTS, times, saved, "step / PEFT's",
-    )  # fmt: skip
+        f"{args.rounds} interleaved rounds"
+    )
+    rows = print_report(title, names, VARIANTS, times, saved, "step / PEFT's")
+    write_results("w5", rows, units=STEP_UNITS, notes=title)
+
 
 if __name__ == "__main__":
     main()

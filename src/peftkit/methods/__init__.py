@@ -24,6 +24,11 @@ METHODS: dict[str, Method] = {
         longlora.METHOD,
     )
 }
+"""The method registry: peftkit's method name (``"lora"``, ``"dora"``, ``"vera"``, ``"mora"``,
+``"dylora"``, ``"dora_dynamic"``, ``"adalora"``, ``"lora_fa"``, ``"delta_lora"``,
+``"longlora"``) → its :class:`~peftkit.methods.registry.Method` record (config class, layer
+factory, optional shared state, training hook and file adapters). Built from an explicit tuple:
+adding a method is one file and one line here."""
 
 
 def method_for_dict(d: Mapping[str, Any], *, source: str = "config") -> Method:

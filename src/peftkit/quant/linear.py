@@ -86,7 +86,9 @@ class NF4Linear(nn.Module):
     """A frozen ``nn.Linear`` replacement holding its weight in NF4 (optionally double-quantized).
 
     Args:
-        in_features, out_features, bias: as ``nn.Linear``; the bias stays dense and frozen.
+        in_features: as ``nn.Linear``.
+        out_features: as ``nn.Linear``.
+        bias: as ``nn.Linear``; the bias stays dense and frozen.
         blocksize: NF4 block size ``B`` (QLoRA: 64).
         double_quant: whether the block scales are themselves 8-bit quantized (QLoRA: True).
         weight_dtype: the dtype of the weight that was quantized; ``dequantize`` reproduces it
