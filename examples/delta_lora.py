@@ -32,7 +32,7 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
 # --8<-- [start:method]
 model = peftkit.adapt(tiny_llama(), peftkit.DeltaLoraConfig(
     r=8, lora_alpha=16, delta_lambda=2.0, warmup_steps=3, target_modules=["q_proj", "v_proj"]))
-q = model.model.layers[0].self_attn.q_proj
+q = model.model.layers[0].self_attn.q_proj  # an AdaptedLayer: .base and .adapters by name
 w0 = q.base.weight.detach().clone()
 losses = train(model, steps=10)  # peftkit.attach runs the update; W gets no gradient
 print(f"Delta-LoRA: loss {losses[0]:.3f} -> {losses[-1]:.3f}; "

@@ -30,7 +30,7 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
 # --8<-- [start:method]
 config = peftkit.LoraConfig(r=8, lora_alpha=16, use_dora=True, target_modules="all-linear")
 model = peftkit.adapt(tiny_llama(), config)
-q = model.model.layers[0].self_attn.q_proj
+q = model.model.layers[0].self_attn.q_proj.adapters["default"]  # the layer's adapter by name
 print(type(q).__name__, "m:", tuple(q.lora_magnitude_vector.shape))  # one per output unit
 losses = train(model)
 print(f"DoRA: loss {losses[0]:.3f} -> {losses[-1]:.3f}")

@@ -30,8 +30,8 @@ def train(model, steps: int = 10, lr: float = 1e-2, optimizer=None) -> list[floa
 # --8<-- [start:method]
 config = peftkit.LongLoraConfig(r=8, group_size_ratio=0.25, context_factor=2.0)
 model = peftkit.adapt(tiny_llama(), config)  # q/k/v/o, embed_tokens and every *norm trained
-full = [n.removesuffix(".trained.weight") for n, p in model.named_parameters()
-        if p.requires_grad and n.endswith(".trained.weight")]
+full = [n.removesuffix(".copies.default.weight") for n, p in model.named_parameters()
+        if p.requires_grad and n.endswith(".copies.default.weight")]  # one copy per adapter
 print("trained in full:", full)  # model.embed_tokens, every *norm, model.norm
 assert "model.embed_tokens" in full and "model.norm" in full
 

@@ -1,4 +1,4 @@
-"""Two adapters, one base: load one, unload it, load the other (one adapter per model today)."""
+"""Two adapters, one base: load both by name, switch between them, or drop one."""
 
 import tempfile
 
@@ -27,10 +27,13 @@ with tempfile.TemporaryDirectory() as out, torch.no_grad():
 
     model = tiny_llama().eval()
     base = model(input_ids=ids).logits
-    peftkit.load_adapter(model, f"{out}/support")
+    peftkit.load_adapter(model, f"{out}/support", name="support")  # the first one is active
+    peftkit.load_adapter(model, f"{out}/legal", name="legal")
     assert torch.equal(model(input_ids=ids).logits, expected["support"])
-    peftkit.unload(model)  # the base model again
-    assert torch.equal(model(input_ids=ids).logits, base)
-    peftkit.load_adapter(model, f"{out}/legal")
+    peftkit.set_adapter(model, "legal")
     assert torch.equal(model(input_ids=ids).logits, expected["legal"])
-print("switched support -> base -> legal; every output as saved")
+    with peftkit.disable_adapters(model):  # the base model inside
+        assert torch.equal(model(input_ids=ids).logits, base)
+    peftkit.delete_adapter(model, "support")  # frees its tensors
+    assert peftkit.adapter_names(model) == ["legal"]
+print("support -> legal -> base -> legal alone; every output as saved")

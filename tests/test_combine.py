@@ -15,7 +15,7 @@ from conftest import ids, output, tiny_gpt2, tiny_llama, tiny_llama_nf4
 from torch import Tensor, nn
 
 import peftkit
-from peftkit.combine import DENSITY_TYPES, HOWS, SVD_TYPES, merge_tensors
+from peftkit.combining import DENSITY_TYPES, HOWS, SVD_TYPES, merge_tensors
 
 # (targets, r, alpha) of up to three sources on the tiny Llama: overlapping target sets, so some
 # layers hold one source, some two; "a" adapts the embedding too.

@@ -7,7 +7,7 @@ peftkit.attach(optimizer, model)      # methods with step-time dynamics; harmles
 peftkit.save_adapter(model, "out")    # PEFT's file layout
 """
 
-from .combine import combine
+from .combining import combine
 from .config import AdapterConfig
 from .core import (
     AdaptedLayer,
