@@ -29,7 +29,6 @@ first forward and expands the index in one place.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -62,6 +61,7 @@ class Route:
         self.names = names
         self.factor: int | None = None  # rows repeated by generate (beams × return sequences)
         self._plans: dict[Any, Any] = {}
+        self._layer_plans: dict[Any, Any] = {}  # read by routed_forward
         self._device_ids: dict[torch.device, Tensor] = {}
 
     # -- the batch the model was called with ------------------------------------------------------
@@ -91,6 +91,7 @@ class Route:
             if bool((grouped == grouped[:, :1]).all()):
                 self.factor = k
                 self._plans.clear()
+                self._layer_plans.clear()
                 return
         raise ValueError(
             f"route was given {n} adapter names/ids (one per row), but the batch has {rows} rows"
@@ -180,14 +181,6 @@ def _slot_map(layer: AdaptedLayer, state: ModelState, device: torch.device) -> T
     return m
 
 
-def _versions(mods: Sequence[nn.Module]) -> tuple[Any, ...]:
-    return tuple(
-        (id(t), t._version)
-        for m in mods
-        for t in itertools.chain(m.parameters(), m.buffers())
-    )
-
-
 class _Stack:
     """The factors of the adapters a layer uses in one batch, zero-padded to the largest rank,
     with one extra zero slot (g = 1) for positions that use the base: ``a`` (U+1, r, in),
@@ -206,11 +199,12 @@ def _stack(layer: AdaptedLayer, ads: list[Adapter], used: list[int]) -> _Stack |
     """The :class:`_Stack` of ``ads`` (the adapters at ``used``), or None when one of them has
     no LoRA form here. Cached while nothing can change it: no grad, the same tensor versions."""
     caching = not torch.is_grad_enabled()
-    # Note: the base's versions too: DoRA's g reads ‖W + sBA‖.
-    key = (tuple(used), _versions([*ads, layer.base])) if caching else None
     cache = layer.__dict__.get("_peftkit_stack")
-    if caching and cache is not None and cache[0] == key:
-        return cache[1]  # type: ignore[no-any-return]
+    generation = layer.model_state.generation if layer.model_state is not None else 0
+    if caching and cache is not None and cache[0] == (tuple(used), generation):
+        tensors, versions, got = cache[1], cache[2], cache[3]
+        if all(t._version == v for t, v in zip(tensors, versions, strict=True)):
+            return got  # type: ignore[no-any-return]
     pairs: list[tuple[Tensor, Tensor]] = []
     for a in ads:
         f = a.factors()
@@ -233,7 +227,10 @@ def _stack(layer: AdaptedLayer, ads: list[Adapter], used: list[int]) -> _Stack |
         g = torch.stack([one if sc is None else sc.to(b_st.dtype) for sc in scales] + [one])
     got = _Stack(a_st, b_st, g)
     if caching:
-        layer.__dict__["_peftkit_stack"] = (key, got)
+        # Note: keyed on every tensor's version, the base's too (DoRA's g reads ‖W + sBA‖).
+        tensors = [t for m in (*ads, layer.base) for t in (*m.parameters(), *m.buffers())]
+        versions = [t._version for t in tensors]
+        layer.__dict__["_peftkit_stack"] = ((tuple(used), generation), tensors, versions, got)
     return got
 
 
@@ -266,26 +263,18 @@ def routed_forward(
 ) -> Tensor:
     """``layer``'s output with each position's own adapter (see the module docstring)."""
     out: Tensor = layer.base(x, *args, **kwargs)
-    kind = next(iter(layer.adapters.values())).kind  # type: ignore[attr-defined]
-    lead = tuple(x.shape) if kind == EMBEDDING else tuple(x.shape[:-1])
-    ids = route.token_ids(lead, x.device)
-    smap = _slot_map(layer, route.state, x.device)
-    tag = id(smap)
-
-    def positions() -> tuple[Tensor, list[int], Tensor]:
-        slots = smap[ids + 1]  # (n,) this layer's slot, or −1
-        used = sorted(int(u) for u in torch.unique(slots).tolist() if u >= 0)
-        pos = torch.full_like(slots, len(used))  # index into the stack; len(used) = zero slot
-        for j, u in enumerate(used):
-            pos[slots == u] = j
-        return slots, used, pos
-
-    slots, used, pos = route.plan(("pos", tag, lead), positions)
+    # Note: one dictionary lookup per layer and input shape once the route has seen them (a
+    # decoding step repeats the shape): where the positions go, which adapters, which form.
+    key = (id(layer), x.shape, x.device, route.state.generation, torch.is_grad_enabled(),
+           layer.training)
+    plan = route._layer_plans.get(key)
+    if plan is None:
+        plan = _layer_plan(layer, route, x, args, kwargs)
+        route._layer_plans[key] = plan
+    tag, lead, slots, used, pos, ads, kind, eligible = plan
     if not used:
         return out
-    all_ads = list(layer.adapters.values())
-    ads: list[Adapter] = [all_ads[i] for i in used]  # type: ignore[misc]
-    st = _stack(layer, ads, used) if _eligible(ads, args, kwargs) else None
+    st = _stack(layer, ads, used) if eligible and not (args or kwargs) else None
     if st is None:
         return _per_adapter(ads, used, slots, x, out, kind)
     n_out = out.shape[-1]
@@ -299,7 +288,10 @@ def routed_forward(
             return (cols[None, :] == pos[:, None]).to(st.a.dtype)  # (n, (U+1)·r)
 
         m = route.plan(("mask", tag, lead, st.rank), mask)
-        y = F.linear(F.linear(xf, st.a_cat) * m, st.b_cat)  # (n, (U+1)·r) -> (n, out)
+        h = F.linear(xf, st.a_cat) * m  # (n, (U+1)·r)
+        if st.g is None and of.dtype == h.dtype:
+            return torch.addmm(of, h, st.b_cat.t()).view(out.shape)  # one GEMM onto the base
+        y = F.linear(h, st.b_cat)  # (n, out)
     elif route.per_row(lead):
         rows = lead[0]
         rpos = pos.view(rows, -1)[:, 0]  # (rows,)
@@ -333,6 +325,29 @@ def routed_forward(
     b = _bias(layer)
     res = g * (of + y) if b is None else g * (of - b + y) + b
     return res.view(out.shape)
+
+
+def _layer_plan(
+    layer: AdaptedLayer, route: Route, x: Tensor, args: tuple[Any, ...], kw: dict[str, Any]
+) -> tuple[Any, ...]:
+    kind = next(iter(layer.adapters.values())).kind  # type: ignore[attr-defined]
+    lead = tuple(x.shape) if kind == EMBEDDING else tuple(x.shape[:-1])
+    ids = route.token_ids(lead, x.device)
+    smap = _slot_map(layer, route.state, x.device)
+    tag = id(smap)
+
+    def positions() -> tuple[Tensor, list[int], Tensor]:
+        slots = smap[ids + 1]  # (n,) this layer's slot, or −1
+        used = sorted(int(u) for u in torch.unique(slots).tolist() if u >= 0)
+        pos = torch.full_like(slots, len(used))  # index into the stack; len(used) = zero slot
+        for j, u in enumerate(used):
+            pos[slots == u] = j
+        return slots, used, pos
+
+    slots, used, pos = route.plan(("pos", tag, lead), positions)
+    all_ads = list(layer.adapters.values())
+    ads: list[Adapter] = [all_ads[i] for i in used]  # type: ignore[misc]
+    return tag, lead, slots, used, pos, ads, kind, _eligible(ads, args, kw)
 
 
 def _per_adapter(
