@@ -23,6 +23,7 @@ from .core import (
 )
 from .methods import METHODS
 from .methods.registry import LayerSpec
+from .precision import upcast_modules_to_save
 
 SHARED_ATTR = "peftkit_shared"
 
@@ -165,6 +166,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for name in saved:
         original = root.get_submodule(name)
         _set_module(root, name, ModulesToSave(original).train(original.training))
+    upcast_modules_to_save(root, config)  # issue 17: fp32 trained copies on fp16/bf16 models
     owners: dict[int, int] = {}
     for m in root.modules():
         if not isinstance(m, Adapter):

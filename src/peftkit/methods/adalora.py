@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, adapters, base_device, base_dtype, get_state, layer_kind
+from ..precision import upcast_adapter
 from .lora import LORA_UNSUPPORTED
 from .registry import LayerSpec, Method
 
@@ -482,7 +483,7 @@ def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> AdaLo
     mask = (config.rank_pattern or {}).get(f"{spec.name}.lora_E")
     if mask is not None:
         slots = [i for i, kept in enumerate(mask) if kept]
-    return AdaLoraLayer(
+    layer = AdaLoraLayer(
         base,
         init_r=config.init_r,
         slots=slots,
@@ -490,6 +491,7 @@ def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> AdaLo
         dropout=config.lora_dropout,
         init=config.init_lora_weights,
     )
+    return upcast_adapter(layer, config)
 
 
 def make_hook(

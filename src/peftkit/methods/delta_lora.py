@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int
 from ..core import EMBEDDING, NF4, Adapter, adapters, add_to_base_weight, layer_kind
+from ..precision import upcast_adapter
 from .lora import LORA_UNSUPPORTED, LoraLayer
 from .registry import LayerSpec, Method
 
@@ -330,7 +331,7 @@ def on_load(model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor]) -> 
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> DeltaLoraLayer:
     assert isinstance(config, DeltaLoraConfig)
-    return DeltaLoraLayer(
+    layer = DeltaLoraLayer(
         base,
         r=config.r,
         alpha=float(config.lora_alpha),
@@ -338,6 +339,7 @@ def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> Delta
         delta_lambda=float(config.delta_lambda),
         init=config.init_lora_weights,
     )
+    return upcast_adapter(layer, config)
 
 
 def make_hook(model: nn.Module, config: Any, layers: Sequence[tuple[str, Adapter]]) -> DeltaUpdate:

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..core import CONV1D, EMBEDDING, LINEAR, NF4, dense_weight
+from ..precision import upcast_adapter
 from .lora import LoraConfig, LoraLayer, layer_kwargs
 from .registry import LayerSpec, Method
 
@@ -507,7 +508,13 @@ class DoraLayer(LoraLayer):
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> DoraLayer:
     assert isinstance(config, LoraConfig)
-    return DoraLayer(base, **layer_kwargs(config, spec))
+    layer = DoraLayer(base, **layer_kwargs(config, spec))
+    made_in = layer.lora_A.dtype
+    if upcast_adapter(layer, config).lora_A.dtype != made_in:
+        # Note: m = ‖W + sBA‖ again in fp32, not the half-precision rounding made at __init__.
+        with torch.no_grad():
+            layer.lora_magnitude_vector.copy_(layer.weight_norm())
+    return layer
 
 
 METHOD = Method(

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, base_device, base_dtype, bypassable
+from ..precision import upcast_adapter
 from .registry import LayerSpec, Method
 
 # PEFT LoraConfig keys peftkit does not implement, with the value that means "off".
@@ -281,7 +282,7 @@ def layer_kwargs(config: Any, spec: LayerSpec) -> dict[str, Any]:
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> LoraLayer:
     assert isinstance(config, LoraConfig)
-    return LoraLayer(base, **layer_kwargs(config, spec))
+    return upcast_adapter(LoraLayer(base, **layer_kwargs(config, spec)), config)
 
 
 METHOD = Method(

@@ -39,6 +39,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, layer_kind
+from ..precision import upcast_adapter
 from .lora import LORA_UNSUPPORTED, LoraLayer, layer_kwargs
 from .registry import LayerSpec, Method
 
@@ -229,7 +230,7 @@ def check(model: nn.Module, config: Any, targets: Sequence[tuple[str, nn.Module]
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> LoraFALayer:
     assert isinstance(config, LoraFAConfig)
-    return LoraFALayer(base, **layer_kwargs(config, spec))
+    return upcast_adapter(LoraFALayer(base, **layer_kwargs(config, spec)), config)
 
 
 def make_hook(

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, base_device, base_dtype, layer_kind
+from ..precision import upcast_adapter
 from .registry import LayerSpec, Method
 
 MORA_TYPES = (1, 2, 3, 4, 6)
@@ -319,7 +320,8 @@ def check(model: nn.Module, config: MoraConfig, targets: Sequence[tuple[str, nn.
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> MoraLayer:
     assert isinstance(config, MoraConfig)
-    return MoraLayer(base, r=config.r, mora_type=config.mora_type, dropout=config.lora_dropout)
+    layer = MoraLayer(base, r=config.r, mora_type=config.mora_type, dropout=config.lora_dropout)
+    return upcast_adapter(layer, config)
 
 
 METHOD = Method(

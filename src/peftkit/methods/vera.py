@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, base_device, base_dtype, layer_kind, layer_shape
+from ..precision import upcast_adapter
 from .registry import LayerSpec, Method
 
 
@@ -230,7 +231,7 @@ def prepare(
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> VeraLayer:
     assert isinstance(config, VeraConfig) and isinstance(spec.shared, VeraProjections)
-    return VeraLayer(
+    layer = VeraLayer(
         base,
         spec.shared,
         r=config.r,
@@ -238,6 +239,7 @@ def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> VeraL
         d_initial=config.d_initial,
         init_weights=config.init_weights,
     )
+    return upcast_adapter(layer, config)
 
 
 def on_load(model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
