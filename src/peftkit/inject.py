@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from . import pretrained
 from .config import AdapterConfig
 from .core import (
     NF4,
@@ -186,6 +187,7 @@ def adapt(model: nn.Module, config: AdapterConfig) -> nn.Module:
         if hook is not None:
             state.hooks.append(hook)
     object.__setattr__(root, STATE_ATTR, state)
+    pretrained.install(root)  # issue 17: save_pretrained writes the adapter, not a broken model
     return model
 
 
@@ -212,6 +214,7 @@ def _restore(model: nn.Module, *, merged: bool) -> nn.Module:
     if hasattr(root, SHARED_ATTR):
         delattr(root, SHARED_ATTR)
     object.__delattr__(root, STATE_ATTR)
+    pretrained.remove(root)
     return model
 
 
