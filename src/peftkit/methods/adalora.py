@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, adapters, base_device, base_dtype, get_state, layer_kind
 from ..precision import upcast_adapter
+from .attached import expect_hook, mark_attached, unattached_message, warn_if_unattached
 from .lora import LORA_UNSUPPORTED
 from .registry import LayerSpec, Method
 
@@ -212,6 +213,7 @@ class AdaLoraLayer(Adapter):
                 nn.init.normal_(p)
 
     def update(self, x: Tensor) -> Tensor:
+        warn_if_unattached(self, UNATTACHED)
         # Note: A ⊙ E is (r, in), cheaper than scaling the (…, r) activation, and it keeps autograd
         # from saving an extra (…, r) tensor for E's gradient.
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A * self.lora_E)  # (..., r)
@@ -244,6 +246,11 @@ class AdaLoraLayer(Adapter):
         return f"{super().extra_repr()}, init_r={self.init_r}, r={self.r}, kept={kept}"
 
 
+UNATTACHED = unattached_message(
+    "AdaLoRA", "no budget is allocated (nothing is pruned) and no orthogonality term is applied"
+)
+
+
 def budget(
     t: int, *, init_bgt: int, target_bgt: int, tinit: int, tfinal: int, total_step: int
 ) -> int:
@@ -268,6 +275,9 @@ class RankAllocator:
         self.from_file = False
         self.ema_ipt: dict[str, Tensor] = {}
         self.ema_unc: dict[str, Tensor] = {}
+
+    def on_attach(self) -> None:
+        mark_attached(self.layers.values())
 
     @property
     def init_bgt(self) -> int:
@@ -498,7 +508,9 @@ def make_hook(
     model: nn.Module, config: AdapterConfig, layers: Sequence[tuple[str, Adapter]]
 ) -> RankAllocator:
     assert isinstance(config, AdaLoraConfig)
-    return RankAllocator(config, [(n, a) for n, a in layers if isinstance(a, AdaLoraLayer)])
+    hook = RankAllocator(config, [(n, a) for n, a in layers if isinstance(a, AdaLoraLayer)])
+    expect_hook(hook.layers.values())
+    return hook
 
 
 METHOD = Method(

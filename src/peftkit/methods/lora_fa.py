@@ -40,6 +40,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, layer_kind
 from ..precision import upcast_adapter
+from .attached import expect_hook, mark_attached, unattached_message, warn_if_unattached
 from .lora import LORA_UNSUPPORTED, LoraLayer, layer_kwargs
 from .registry import LayerSpec, Method
 
@@ -179,6 +180,7 @@ class LoraFALayer(LoraLayer):
         return ("lora_B",)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        warn_if_unattached(self, UNATTACHED)
         out: Tensor = self.base(x, *args, **kwargs)
         if self.disabled or self.merged:
             return out
@@ -228,12 +230,20 @@ def corrected_grad(grad_B: Tensor, lora_A: Tensor, scaling: float) -> Tensor:
     return g.to(grad_B.dtype)
 
 
+UNATTACHED = unattached_message(
+    "LoRA-FA (gradient_correction=True)", "B's gradient is not corrected (plain LoRA-FA)"
+)
+
+
 class GradientCorrection:
     """TrainingHook: before each real optimizer step, replace every ``lora_B.grad`` by
     :func:`corrected_grad` (after accumulation and clipping, never on a skipped step)."""
 
     def __init__(self, layers: Sequence[LoraFALayer]) -> None:
         self.layers = list(layers)
+
+    def on_attach(self) -> None:
+        mark_attached(self.layers)
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -273,7 +283,9 @@ def make_hook(
 ) -> GradientCorrection | None:
     if not config.gradient_correction:
         return None
-    return GradientCorrection([a for _, a in layers if isinstance(a, LoraFALayer)])
+    hook = GradientCorrection([a for _, a in layers if isinstance(a, LoraFALayer)])
+    expect_hook(hook.layers)
+    return hook
 
 
 METHOD = Method(
