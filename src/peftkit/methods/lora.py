@@ -50,7 +50,8 @@ LORA_UNSUPPORTED: dict[str, Any] = {
 
 @dataclass(frozen=True, kw_only=True)
 class LoraConfig(AdapterConfig):
-    """LoRA. ``r``: rank; ``lora_alpha``: α in s = α/r; ``use_rslora``: s = α/√r;
+    """LoRA. ``r``: rank; ``lora_alpha``: α in s = α/r, default 8 whatever ``r`` is (PEFT's
+    default; ``peftkit train --alpha`` defaults to it too); ``use_rslora``: s = α/√r;
     ``init_lora_weights``: True (kaiming A, zero B), ``"gaussian"`` (A ~ N(0, 1/r)) or False
     (both random: the adapter is not a no-op; for tests); ``rank_pattern``/``alpha_pattern``:
     per-module overrides keyed by a name suffix or regex, as PEFT. ``use_dora=True`` selects
