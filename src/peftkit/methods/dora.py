@@ -346,6 +346,10 @@ class DoraLayer(LoraLayer):
     def weight_norm(self) -> Tensor:
         """``‖W + s·BA‖`` per output unit (detached, fp32/fp64), in factored form; ‖W‖² cached."""
         w = dense_weight(self.base)  # (out, in); a view except for NF4 (dequantised)
+        if torch.compiler.is_compiling():
+            # Note: the cache key reads data pointers, which a compiled graph cannot compare;
+            # ‖W‖² is one pass over W there, fused by the compiler.
+            return row_norms(w, self.lora_A, self.lora_B, self.scaling)
         key = self._weight_key()
         if self._w_sq is None or key != self._w_key:
             self._w_sq = w.to(_compute_dtype(w)).square().sum(1)  # (out,)
@@ -394,7 +398,31 @@ class DoraLayer(LoraLayer):
             and 3 * tokens >= 2 * self.in_features
         )
 
+    def _forward_reference(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The same maths as the autograd functions in plain differentiable ops (n a constant):
+        what a compiled graph runs, since their backward branches on the data (rows with m = 0)
+        and the compiler then picks what to save itself."""
+        out: Tensor = self.base(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            return out
+        m, a, b, s = self.lora_magnitude_vector, self.lora_A, self.lora_B, self.scaling
+        norm = _safe(self.weight_norm())  # (out,), no grad
+        g = (m.to(norm.dtype) / norm).to(out.dtype)  # (out,)
+        if self.kind == EMBEDDING:
+            bias, xd, od = None, x, out
+            h = self._embed_a(x)  # (..., r)
+        else:
+            bias = self._bias()
+            dropping = self.training and not isinstance(self.dropout, nn.Identity)
+            xd = self.dropout(x) if dropping else x
+            od = self._base_no_bias(xd) if dropping else (out if bias is None else out - bias)
+            h = F.linear(xd.to(a.dtype), a)  # (..., r)
+        z = od + (F.linear(h, b) * s).to(out.dtype)  # D(x) Wᵀ + s·h Bᵀ, (..., out)
+        return out - od + g * z  # = g ⊙ z + b without dropout
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_reference(x, *args, **kwargs)
         m, a, b = self.lora_magnitude_vector, self.lora_A, self.lora_B
         if not (self.disabled or self.merged or args or kwargs) and self._fused_ok(x):
             y: Tensor = _DoraLinearFn.apply(  # type: ignore[no-untyped-call]
