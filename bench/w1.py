@@ -112,6 +112,12 @@ def _qlora(model: nn.Module) -> nn.Module:
     return peftkit.adapt(model, peftkit.LoraConfig(r=16, lora_alpha=32, target_modules=W1_TARGETS))
 
 
+def _compiled(setup: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
+    """``setup`` then ``torch.compile`` of the whole model (Inductor, default mode): the timed
+    step runs the compiled forward and backward; the optimizer step stays eager."""
+    return lambda model: torch.compile(setup(model))  # type: ignore[return-value]
+
+
 def _full(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
@@ -174,6 +180,11 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], str | None]] = {
     "qlora": (_qlora, "lora"),
     "full": (_full, None),
 }
+# torch.compile (issue 17): each against its eager self; floor-compiled is the compiled floor
+VARIANTS.update({
+    f"{name}-compiled": (_compiled(VARIANTS[name][0]), name)
+    for name in ("floor", "lora", "dora", "peft-lora", "peft-dora")
+})
 
 
 # Variants whose timed step includes their training hook (peftkit.attach); the others time the
