@@ -120,3 +120,28 @@ def test_bf16_files_load_in_peft_and_back(case: str, tmp_path: Any) -> None:
                a.parameters(recurse=False))
     with torch.no_grad():
         assert torch.equal(again(x).logits, y)
+
+
+@pytest.mark.parametrize("dtype", list(HALF))
+def test_fused_lora_path_takes_fp32_factors_on_a_half_base(dtype: str) -> None:
+    from peftkit.methods.lora import LoraLayer
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 24)).to(HALF[dtype])
+        peftkit.adapt(model, peftkit.LoraConfig(r=4, target_modules=["0"],
+                                                init_lora_weights=False))
+        ((_, layer),) = peftkit.adapters(model)
+        assert isinstance(layer, LoraLayer) and layer.lora_A.dtype == torch.float32
+        layer.merged_matmul = fused  # type: ignore[misc]
+        x = torch.randn(2, 8, 16, dtype=HALF[dtype], requires_grad=True)
+        assert layer._merged_ok(x) == fused
+        y = model(x)
+        assert y.dtype == HALF[dtype]
+        y.float().square().sum().backward()
+        assert layer.lora_A.grad is not None and layer.lora_A.grad.dtype == torch.float32
+        return [y.detach().float(), x.grad.float(), layer.lora_A.grad, layer.lora_B.grad]
+
+    for got, want in zip(run(True), run(False), strict=True):
+        # one 16-bit GEMM with W + sBA against two: equal to 16-bit rounding, relative to size
+        torch.testing.assert_close(got, want, atol=0.02 * want.abs().max().item(), rtol=0.02)

@@ -394,6 +394,7 @@ class DoraLayer(LoraLayer):
         tokens = x.numel() // max(x.shape[-1], 1)
         return (
             self._base_computable_here(x)
+            and x.dtype == self.lora_A.dtype  # the folded path runs in one dtype
             and (not self.training or isinstance(self.dropout, nn.Identity))
             and 3 * tokens >= 2 * self.in_features
         )

@@ -116,7 +116,10 @@ class _MergedLinearLora(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float
     ) -> Tensor:
-        merged = torch.addmm(weight, b, a, alpha=s)  # (out, in) + s·(out, r) @ (r, in)
+        # Note: fp32 factors on a 16-bit base run in the base's dtype (as under autocast); their
+        # gradients are cast back to fp32.
+        a_, b_ = a.to(weight.dtype), b.to(weight.dtype)
+        merged = torch.addmm(weight, b_, a_, alpha=s)  # (out, in) + s·(out, r) @ (r, in)
         ctx.save_for_backward(x, weight, a, b)
         ctx.scaling = s
         return F.linear(x, merged, bias)  # (..., in) -> (..., out)
@@ -125,15 +128,16 @@ class _MergedLinearLora(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, a, b = ctx.saved_tensors
         s = ctx.scaling
+        a_, b_ = a.to(weight.dtype), b.to(weight.dtype)
         need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (T, in), (T, out)
         dx = d_a = d_b = d_bias = None
         if need_x:
-            dx = (dy2 @ torch.addmm(weight, b, a, alpha=s)).view(x.shape)  # (T, out) @ (out, in)
+            dx = (dy2 @ torch.addmm(weight, b_, a_, alpha=s)).view(x.shape)  # (T, out) @ (out, in)
         if need_a:
-            d_a = ((dy2 @ b).t() @ x2).mul_(s)  # ((T, out) @ (out, r))ᵀ @ (T, in) -> (r, in)
+            d_a = ((dy2 @ b_).t() @ x2).mul_(s).to(a.dtype)  # ((T, out) @ (out, r))ᵀ @ (T, in)
         if need_b:
-            d_b = (dy2.t() @ (x2 @ a.t())).mul_(s)  # (out, T) @ ((T, in) @ (in, r)) -> (out, r)
+            d_b = (dy2.t() @ (x2 @ a_.t())).mul_(s).to(b.dtype)  # (out, T) @ ((T, in) @ (in, r))
         if need_bias:
             d_bias = dy2.sum(0)
         return dx, None, d_bias, d_a, d_b, None
@@ -200,13 +204,15 @@ class LoraLayer(Adapter):
 
     def _base_computable_here(self, x: Tensor) -> bool:
         """What every fused path needs to compute the base itself instead of calling it: nothing
-        hooks the base, W is a frozen plain Parameter, x, W and A share a dtype, no autocast."""
+        hooks the base, W is a frozen plain Parameter, x and W share a dtype (A too, or A is the
+        fp32 of a 16-bit base: ``autocast_adapter_dtype``), no autocast."""
         w = self.base.weight
         return (
             bypassable(self.base)
             and type(w) is nn.Parameter
             and not w.requires_grad
-            and x.dtype == w.dtype == self.lora_A.dtype
+            and x.dtype == w.dtype
+            and (self.lora_A.dtype == w.dtype or self.lora_A.dtype == torch.float32)
             and not torch.is_autocast_enabled(x.device.type)
         )
 
