@@ -15,6 +15,7 @@ with the Trainer's "Can't find a checkpoint index" error."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,17 @@ class PeftkitCallback(TrainerCallback):
         attach(optimizer, model)
         if state.global_step > 0:
             # Resuming: the Trainer restored the step count from checkpoint-N before this call.
-            load_hook_state(model, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            # Note: the callback is not told which folder the Trainer resumed from; it looks in
+            # this run's output_dir, and says so when the hooks' state is not there.
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            hooks = getattr(get_state(model, required=False), "hooks", [])
+            if not load_hook_state(model, folder) and hooks:
+                warnings.warn(
+                    f"resuming at step {state.global_step} but {folder} holds no peftkit hook "
+                    "state: AdaLoRA/DyLoRA/DoRA-Mao/Delta-LoRA schedules restart from scratch. "
+                    "Resume with the output_dir of the run that wrote the checkpoint.",
+                    stacklevel=2,
+                )
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         model = kwargs.get("model")
