@@ -3,6 +3,7 @@
     python bench/w1.py                  # all variants, 20 rounds
     python bench/w1.py lora peft-lora   # a subset (the floor is always measured)
     python bench/w1.py --rounds 30
+    python bench/w1.py lora lora-compiled dora dora-compiled floor-compiled   # torch.compile
 
 Prints a markdown table: step time / floor (median and quartiles of per-round ratios), step time /
 the peer (PEFT's counterpart where one exists; for ``qlora``, peftkit's dense LoRA), and saved
