@@ -20,6 +20,7 @@ Runs go through peftkit.train, the loop of ``peftkit train``: the seed-s run at 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import statistics
 import sys
@@ -139,6 +140,19 @@ def load_data() -> Data:
     )
 
 
+def alpha_2r(method: str, options: dict[str, Any]) -> float | None:
+    """α = 2 × the rank in use: the rule Q1's published rows were measured with (the CLI's
+    default before issue 17 made ``--alpha`` default to the config's constant)."""
+    fields = {f.name: f for f in dataclasses.fields(peftkit.METHODS[method].config_cls)}
+    if "lora_alpha" not in fields or "lora_alpha" in options:
+        return None
+    rank_field = "init_r" if "init_r" in fields else "r" if "r" in fields else None
+    if rank_field is None:
+        return None
+    rank = options.get(rank_field, fields[rank_field].default)
+    return 2 * rank if isinstance(rank, int) else None
+
+
 def build(variant: Variant, seed: int, steps: int) -> nn.Module:
     """The model ``peftkit train --method ... --seed seed`` builds, before its first step."""
     torch.manual_seed(seed)
@@ -150,6 +164,7 @@ def build(variant: Variant, seed: int, steps: int) -> nn.Module:
         target_modules=TARGETS,
         modules_to_save=HEAD,
         steps=steps,
+        alpha=alpha_2r(variant.method, dict(variant.options)),
         options=variant.options,
     )
     if variant.quantize:

@@ -3,6 +3,7 @@
     python bench/w1.py                  # all variants, 20 rounds
     python bench/w1.py lora peft-lora   # a subset (the floor is always measured)
     python bench/w1.py --rounds 30
+    python bench/w1.py lora lora-compiled dora dora-compiled floor-compiled   # torch.compile
 
 Prints a markdown table: step time / floor (median and quartiles of per-round ratios), step time /
 the peer (PEFT's counterpart where one exists; for ``qlora``, peftkit's dense LoRA), and saved
@@ -114,6 +115,12 @@ def _qlora(model: nn.Module) -> nn.Module:
     return peftkit.adapt(model, peftkit.LoraConfig(r=16, lora_alpha=32, target_modules=W1_TARGETS))
 
 
+def _compiled(setup: Callable[[nn.Module], nn.Module]) -> Callable[[nn.Module], nn.Module]:
+    """``setup`` then ``torch.compile`` of the whole model (Inductor, default mode): the timed
+    step runs the compiled forward and backward; the optimizer step stays eager."""
+    return lambda model: torch.compile(setup(model))  # type: ignore[return-value]
+
+
 def _full(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
@@ -176,6 +183,11 @@ VARIANTS: dict[str, tuple[Callable[[nn.Module], nn.Module], str | None]] = {
     "qlora": (_qlora, "lora"),
     "full": (_full, None),
 }
+# torch.compile (issue 17): each against its eager self; floor-compiled is the compiled floor
+VARIANTS.update({
+    f"{name}-compiled": (_compiled(VARIANTS[name][0]), name)
+    for name in ("floor", "lora", "dora", "peft-lora", "peft-dora")
+})
 
 
 # Variants whose timed step includes their training hook (peftkit.attach); the others time the

@@ -532,8 +532,9 @@ class _BudgetConfig(LoraConfig):
 
 
 def test_build_config_passes_knobs_to_fields_that_exist(monkeypatch: pytest.MonkeyPatch) -> None:
-    lora = T.build_config("lora", target_modules=("q",), r=4)
-    assert (lora.r, lora.lora_alpha) == (4, 8)  # alpha defaults to 2r
+    lora = T.build_config("lora", target_modules=("q",), r=16)
+    # alpha: the config's default (8, PEFT's), whatever the rank; the same rule as LoraConfig
+    assert (lora.r, lora.lora_alpha) == (16, peftkit.LoraConfig(target_modules=["q"]).lora_alpha)
     lora = T.build_config("lora", target_modules=("q",), options={"use_rslora": True}, alpha=3)
     assert lora.use_rslora and lora.lora_alpha == 3 and lora.r == 8
     fake = Method(
@@ -545,7 +546,7 @@ def test_build_config_passes_knobs_to_fields_that_exist(monkeypatch: pytest.Monk
     monkeypatch.setitem(METHODS, "budget", fake)
     cfg = T.build_config("budget", target_modules=("q",), r=6, steps=50)
     assert isinstance(cfg, _BudgetConfig)
-    assert (cfg.init_r, cfg.r, cfg.total_step, cfg.lora_alpha) == (6, 8, 50, 12)
+    assert (cfg.init_r, cfg.r, cfg.total_step, cfg.lora_alpha) == (6, 8, 50, 8)
     with pytest.raises(ValueError, match="has no option 'nope'"):
         T.build_config("lora", target_modules=("q",), options={"nope": 1})
     with pytest.raises(ValueError, match="unknown method"):

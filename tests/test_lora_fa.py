@@ -97,12 +97,12 @@ def test_dropout_mask_regenerated_exactly() -> None:
     a = torch.randn(2, 7, dtype=torch.float64)
     b = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda x, b: _FrozenABranch.apply(x, a, b, 1.5, 0.3, 1234), (x, b)
+        lambda x, b: _FrozenABranch.apply(x, a, b, 1.5, 0.3, 1234, None), (x, b)
     )
     mask = _keep_mask(x, 0.3, 1234)
     assert set(mask.unique().tolist()) <= {0.0, 1 / 0.7}
     want = ((x * mask) @ a.T) @ b.T * 1.5  # (3, 5, 6)
-    torch.testing.assert_close(_FrozenABranch.apply(x, a, b, 1.5, 0.3, 1234), want)
+    torch.testing.assert_close(_FrozenABranch.apply(x, a, b, 1.5, 0.3, 1234, None), want)
 
 
 def test_dropout_only_in_training_and_seeded() -> None:

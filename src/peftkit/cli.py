@@ -1016,7 +1016,12 @@ def build_parser() -> Parser:
     p.add_argument("--model", help="a local Hugging Face folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--method", default="lora", help=f"one of: {methods} (default: lora)")
     p.add_argument("--r", type=int, help="rank (init_r for AdaLoRA); default: the method's")
-    p.add_argument("--alpha", type=float, help="lora_alpha where the method has it (default 2*r)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        help="lora_alpha where the method has it (scale alpha/r); default: the method config's, "
+        "a constant whatever --r is (8 for LoRA, as PEFT's LoraConfig; 16 for LongLoRA)",
+    )
     p.add_argument(
         "--config",
         action="append",

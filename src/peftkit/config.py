@@ -33,6 +33,10 @@ HARMLESS_KEYS = frozenset(
 )
 
 
+# Fields that choose how this run holds the adapter, not what the adapter is: never written.
+RUN_ONLY_FIELDS = frozenset({"autocast_adapter_dtype"})
+
+
 def _is_default_like(value: Any) -> bool:
     return value is None or value is False or value == {} or value == [] or value == "none"
 
@@ -80,6 +84,9 @@ class AdapterConfig:
     the output head). ``modules_to_save``: modules trained in full, as trainable copies (a
     classifier head, say). ``layers_to_transform``/``layers_pattern``: restrict to layer indices.
     ``exclude_modules``: names (tail match) or a regex never adapted.
+    ``autocast_adapter_dtype``: keep the adapter in fp32 on an fp16/bf16 base (default, as PEFT);
+    False keeps the base's dtype. The forward stays in the activation dtype either way. A choice
+    of this run, not of the adapter: it is not written to ``adapter_config.json``.
     """
 
     target_modules: str | tuple[str, ...] | None = None
@@ -87,6 +94,7 @@ class AdapterConfig:
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None
+    autocast_adapter_dtype: bool = True
 
     #: PEFT's ``peft_type`` for files of this config, or None when PEFT lacks the method.
     peft_type: ClassVar[str | None] = None
@@ -94,6 +102,10 @@ class AdapterConfig:
     unsupported_keys: ClassVar[Mapping[str, Any]] = {}
 
     def __post_init__(self) -> None:
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            raise ValueError(
+                f"autocast_adapter_dtype must be True or False, got {self.autocast_adapter_dtype!r}"
+            )
         tm = self.target_modules
         if tm is None:
             raise ValueError(
@@ -134,6 +146,8 @@ class AdapterConfig:
         lacks the method (PEFT ignores unknown keys with a warning)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
+            if f.name in RUN_ONLY_FIELDS:
+                continue
             v = getattr(self, f.name)
             if isinstance(v, tuple):
                 v = list(v)

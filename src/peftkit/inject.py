@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import pretrained
 from .config import AdapterConfig
 from .core import (
     DEFAULT,
@@ -31,6 +32,7 @@ from .core import (
 )
 from .methods import METHODS
 from .methods.registry import LayerSpec
+from .precision import upcast_modules_to_save
 
 SHARED_ATTR = "peftkit_shared"
 #: Adapter names become folder names (PEFT's multi-adapter layout): keep them path-safe.
@@ -235,6 +237,7 @@ def adapt(model: nn.Module, config: AdapterConfig, *, name: str = DEFAULT) -> nn
     # LongLoRA and other prepare() steps may have wrapped modules themselves
     for _, m in modules_to_save(root):
         m.model_state = state
+    upcast_modules_to_save(root, config)  # fp32 trained copies on fp16/bf16 models
     owners: dict[int, int] = {}
     for m in root.modules():
         if not isinstance(m, (Adapter, AdaptedLayer)):
@@ -254,6 +257,7 @@ def adapt(model: nn.Module, config: AdapterConfig, *, name: str = DEFAULT) -> nn
         state.active = [name]
     state.generation += 1
     object.__setattr__(root, STATE_ATTR, state)
+    pretrained.install(root)  # save_pretrained writes the adapters, not a broken model
     _apply_active(root, state)
     if method.make_hook is not None:
         with focused(root, name):
@@ -400,6 +404,7 @@ def _restore(model: nn.Module, *, merged: bool) -> nn.Module:
     if hasattr(root, SHARED_ATTR):
         delattr(root, SHARED_ATTR)
     object.__delattr__(root, STATE_ATTR)
+    pretrained.remove(root)
     return model
 
 

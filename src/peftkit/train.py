@@ -200,9 +200,10 @@ def build_config(
     """Any registered method's config from generic knobs, passed only to fields that exist.
 
     ``r`` goes to ``init_r`` (AdaLoRA's starting rank) where the config has it, else to ``r``;
-    ``alpha`` to ``lora_alpha`` (default: twice the rank in use, the usual LoRA choice, when the
-    config has both); ``steps`` to ``total_step`` (AdaLoRA's schedule); ``options`` are other
-    fields by name (``{"use_rslora": True}``) and win over the knobs.
+    ``alpha`` to ``lora_alpha`` (default: the config's own default, a constant that does not
+    follow ``r``: 8 for LoRA as in PEFT, 16 for LongLoRA; one rule for the library and the CLI);
+    ``steps`` to ``total_step`` (AdaLoRA's schedule); ``options`` are other fields by name
+    (``{"use_rslora": True}``) and win over the knobs.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
@@ -217,9 +218,6 @@ def build_config(
             raise ValueError(f"method {method!r} has no rank; drop --r")
         kwargs[rank_field] = r
     if "lora_alpha" in fields:
-        if alpha is None and rank_field is not None:
-            rank = kwargs.get(rank_field, _field_default(fields[rank_field]))
-            alpha = 2 * rank if isinstance(rank, int) else None
         if alpha is not None:
             kwargs["lora_alpha"] = alpha
     elif alpha is not None:

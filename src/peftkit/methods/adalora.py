@@ -50,6 +50,8 @@ from ..core import (
     get_state,
     layer_kind,
 )
+from ..precision import upcast_adapter
+from .attached import expect_hook, mark_attached, unattached_message, warn_if_unattached
 from .lora import LORA_UNSUPPORTED
 from .registry import LayerSpec, Method
 
@@ -220,6 +222,7 @@ class AdaLoraLayer(Adapter):
                 nn.init.normal_(p)
 
     def update(self, x: Tensor) -> Tensor:
+        warn_if_unattached(self, UNATTACHED)
         # Note: A ⊙ E is (r, in), cheaper than scaling the (…, r) activation, and it keeps autograd
         # from saving an extra (…, r) tensor for E's gradient.
         h = F.linear(x.to(self.lora_A.dtype), self.lora_A * self.lora_E)  # (..., r)
@@ -255,6 +258,11 @@ class AdaLoraLayer(Adapter):
         return f"{super().extra_repr()}, init_r={self.init_r}, r={self.r}, kept={kept}"
 
 
+UNATTACHED = unattached_message(
+    "AdaLoRA", "no budget is allocated (nothing is pruned) and no orthogonality term is applied"
+)
+
+
 def budget(
     t: int, *, init_bgt: int, target_bgt: int, tinit: int, tfinal: int, total_step: int
 ) -> int:
@@ -279,6 +287,9 @@ class RankAllocator:
         self.from_file = False
         self.ema_ipt: dict[str, Tensor] = {}
         self.ema_unc: dict[str, Tensor] = {}
+
+    def on_attach(self) -> None:
+        mark_attached(self.layers.values())
 
     @property
     def init_bgt(self) -> int:
@@ -493,7 +504,7 @@ def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> AdaLo
     mask = (config.rank_pattern or {}).get(f"{spec.name}.lora_E")
     if mask is not None:
         slots = [i for i, kept in enumerate(mask) if kept]
-    return AdaLoraLayer(
+    layer = AdaLoraLayer(
         base,
         init_r=config.init_r,
         slots=slots,
@@ -501,13 +512,16 @@ def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> AdaLo
         dropout=config.lora_dropout,
         init=config.init_lora_weights,
     )
+    return upcast_adapter(layer, config)
 
 
 def make_hook(
     model: nn.Module, config: AdapterConfig, layers: Sequence[tuple[str, Adapter]]
 ) -> RankAllocator:
     assert isinstance(config, AdaLoraConfig)
-    return RankAllocator(config, [(n, a) for n, a in layers if isinstance(a, AdaLoraLayer)])
+    hook = RankAllocator(config, [(n, a) for n, a in layers if isinstance(a, AdaLoraLayer)])
+    expect_hook(hook.layers.values())
+    return hook
 
 
 METHOD = Method(

@@ -43,6 +43,8 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int
 from ..core import EMBEDDING, NF4, Adapter, adapters, add_to_base_weight, layer_kind
+from ..precision import upcast_adapter
+from .attached import expect_hook, mark_attached, unattached_message, warn_if_unattached
 from .lora import LORA_UNSUPPORTED, LoraLayer
 from .registry import LayerSpec, Method
 
@@ -190,6 +192,7 @@ class DeltaLoraLayer(LoraLayer):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        warn_if_unattached(self, UNATTACHED)
         out: Tensor = self.base(x, *args, **kwargs)
         if self.merged:
             return out
@@ -230,6 +233,11 @@ class DeltaLoraLayer(LoraLayer):
         return f"{super().extra_repr()}, delta_lambda={self.delta_lambda:g}"
 
 
+UNATTACHED = unattached_message(
+    "Delta-LoRA", "W does not follow the change of s·BA, so it trains as a plain LoRA"
+)
+
+
 class DeltaUpdate:
     """TrainingHook: W follows the change of ``s·BA`` after every optimizer step past the
     warm-up. Its state (optimizer steps seen) saves with the optimizer."""
@@ -239,6 +247,9 @@ class DeltaUpdate:
         self.warmup_steps = warmup_steps
         self.steps = 0
         self._prev: list[tuple[Tensor, Tensor]] | None = None
+
+    def on_attach(self) -> None:
+        mark_attached(self.layers)
 
     def _following(self) -> bool:
         if self.steps >= self.warmup_steps or not self.layers:
@@ -330,7 +341,7 @@ def on_load(model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor]) -> 
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> DeltaLoraLayer:
     assert isinstance(config, DeltaLoraConfig)
-    return DeltaLoraLayer(
+    layer = DeltaLoraLayer(
         base,
         r=config.r,
         alpha=float(config.lora_alpha),
@@ -338,10 +349,13 @@ def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> Delta
         delta_lambda=float(config.delta_lambda),
         init=config.init_lora_weights,
     )
+    return upcast_adapter(layer, config)
 
 
 def make_hook(model: nn.Module, config: Any, layers: Sequence[tuple[str, Adapter]]) -> DeltaUpdate:
-    return DeltaUpdate([a for _, a in layers if isinstance(a, DeltaLoraLayer)], config.warmup_steps)
+    hook = DeltaUpdate([a for _, a in layers if isinstance(a, DeltaLoraLayer)], config.warmup_steps)
+    expect_hook(hook.layers)
+    return hook
 
 
 METHOD = Method(

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig
 from ..core import CONV1D, EMBEDDING, LINEAR, NF4, dense_weight
+from ..precision import upcast_adapter
 from .lora import LoraConfig, LoraLayer, layer_kwargs
 from .registry import LayerSpec, Method
 
@@ -345,6 +346,10 @@ class DoraLayer(LoraLayer):
     def weight_norm(self) -> Tensor:
         """``‖W + s·BA‖`` per output unit (detached, fp32/fp64), in factored form; ‖W‖² cached."""
         w = dense_weight(self.base)  # (out, in); a view except for NF4 (dequantised)
+        if torch.compiler.is_compiling():
+            # Note: the cache key reads data pointers, which a compiled graph cannot compare;
+            # ‖W‖² is one pass over W there, fused by the compiler.
+            return row_norms(w, self.lora_A, self.lora_B, self.scaling)
         key = self._weight_key()
         if self._w_sq is None or key != self._w_key:
             self._w_sq = w.to(_compute_dtype(w)).square().sum(1)  # (out,)
@@ -389,11 +394,36 @@ class DoraLayer(LoraLayer):
         tokens = x.numel() // max(x.shape[-1], 1)
         return (
             self._base_computable_here(x)
+            and x.dtype == self.lora_A.dtype  # the folded path runs in one dtype
             and (not self.training or isinstance(self.dropout, nn.Identity))
             and 3 * tokens >= 2 * self.in_features
         )
 
+    def _forward_reference(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The same maths as the autograd functions in plain differentiable ops (n a constant):
+        what a compiled graph runs, since their backward branches on the data (rows with m = 0)
+        and the compiler then picks what to save itself."""
+        out: Tensor = self.base(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            return out
+        m, a, b, s = self.lora_magnitude_vector, self.lora_A, self.lora_B, self.scaling
+        norm = _safe(self.weight_norm())  # (out,), no grad
+        g = (m.to(norm.dtype) / norm).to(out.dtype)  # (out,)
+        if self.kind == EMBEDDING:
+            bias, xd, od = None, x, out
+            h = self._embed_a(x)  # (..., r)
+        else:
+            bias = self._bias()
+            dropping = self.training and not isinstance(self.dropout, nn.Identity)
+            xd = self.dropout(x) if dropping else x
+            od = self._base_no_bias(xd) if dropping else (out if bias is None else out - bias)
+            h = F.linear(xd.to(a.dtype), a)  # (..., r)
+        z = od + (F.linear(h, b) * s).to(out.dtype)  # D(x) Wᵀ + s·h Bᵀ, (..., out)
+        return out - od + g * z  # = g ⊙ z + b without dropout
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_reference(x, *args, **kwargs)
         m, a, b = self.lora_magnitude_vector, self.lora_A, self.lora_B
         if not (self.disabled or self.merged or args or kwargs) and self._fused_ok(x):
             y: Tensor = _DoraLinearFn.apply(  # type: ignore[no-untyped-call]
@@ -519,7 +549,13 @@ class DoraLayer(LoraLayer):
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> DoraLayer:
     assert isinstance(config, LoraConfig)
-    return DoraLayer(base, **layer_kwargs(config, spec))
+    layer = DoraLayer(base, **layer_kwargs(config, spec))
+    made_in = layer.lora_A.dtype
+    if upcast_adapter(layer, config).lora_A.dtype != made_in:
+        # Note: m = ‖W + sBA‖ again in fp32, not the half-precision rounding made at __init__.
+        with torch.no_grad():
+            layer.lora_magnitude_vector.copy_(layer.weight_norm())
+    return layer
 
 
 METHOD = Method(

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, adapters, base_device, base_dtype
+from ..precision import upcast_adapter
 from .registry import LayerSpec, Method
 
 EPS = 1e-8
@@ -314,7 +315,7 @@ def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> DoraD
         base, r=config.init_r, alpha=float(config.lora_alpha), dropout=config.lora_dropout
     )
     # Note: a new module starts in training mode; follow the base so an eval-mode model stays so.
-    return layer.train(base.training)
+    return upcast_adapter(layer, config).train(base.training)
 
 
 def make_hook(

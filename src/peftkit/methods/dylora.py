@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, adapters, base_device, base_dtype
+from ..precision import upcast_adapter
 from .lora import LORA_UNSUPPORTED
 from .registry import LayerSpec, Method
 
@@ -268,7 +269,7 @@ def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> DyLor
         frozen=config.frozen,
     )
     # Note: a new module starts in training mode; follow the base so an eval-mode model stays so.
-    return layer.train(base.training)
+    return upcast_adapter(layer, config).train(base.training)
 
 
 def make_hook(

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, base_device, base_dtype, bypassable
+from ..precision import upcast_adapter
 from .registry import LayerSpec, Method
 
 # PEFT LoraConfig keys peftkit does not implement, with the value that means "off".
@@ -49,7 +50,8 @@ LORA_UNSUPPORTED: dict[str, Any] = {
 
 @dataclass(frozen=True, kw_only=True)
 class LoraConfig(AdapterConfig):
-    """LoRA. ``r``: rank; ``lora_alpha``: α in s = α/r; ``use_rslora``: s = α/√r;
+    """LoRA. ``r``: rank; ``lora_alpha``: α in s = α/r, default 8 whatever ``r`` is (PEFT's
+    default; ``peftkit train --alpha`` defaults to it too); ``use_rslora``: s = α/√r;
     ``init_lora_weights``: True (kaiming A, zero B), ``"gaussian"`` (A ~ N(0, 1/r)) or False
     (both random: the adapter is not a no-op; for tests); ``rank_pattern``/``alpha_pattern``:
     per-module overrides keyed by a name suffix or regex, as PEFT. ``use_dora=True`` selects
@@ -114,7 +116,10 @@ class _MergedLinearLora(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, s: float
     ) -> Tensor:
-        merged = torch.addmm(weight, b, a, alpha=s)  # (out, in) + s·(out, r) @ (r, in)
+        # Note: fp32 factors on a 16-bit base run in the base's dtype (as under autocast); their
+        # gradients are cast back to fp32.
+        a_, b_ = a.to(weight.dtype), b.to(weight.dtype)
+        merged = torch.addmm(weight, b_, a_, alpha=s)  # (out, in) + s·(out, r) @ (r, in)
         ctx.save_for_backward(x, weight, a, b)
         ctx.scaling = s
         return F.linear(x, merged, bias)  # (..., in) -> (..., out)
@@ -123,15 +128,16 @@ class _MergedLinearLora(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, a, b = ctx.saved_tensors
         s = ctx.scaling
+        a_, b_ = a.to(weight.dtype), b.to(weight.dtype)
         need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # (T, in), (T, out)
         dx = d_a = d_b = d_bias = None
         if need_x:
-            dx = (dy2 @ torch.addmm(weight, b, a, alpha=s)).view(x.shape)  # (T, out) @ (out, in)
+            dx = (dy2 @ torch.addmm(weight, b_, a_, alpha=s)).view(x.shape)  # (T, out) @ (out, in)
         if need_a:
-            d_a = ((dy2 @ b).t() @ x2).mul_(s)  # ((T, out) @ (out, r))ᵀ @ (T, in) -> (r, in)
+            d_a = ((dy2 @ b_).t() @ x2).mul_(s).to(a.dtype)  # ((T, out) @ (out, r))ᵀ @ (T, in)
         if need_b:
-            d_b = (dy2.t() @ (x2 @ a.t())).mul_(s)  # (out, T) @ ((T, in) @ (in, r)) -> (out, r)
+            d_b = (dy2.t() @ (x2 @ a_.t())).mul_(s).to(b.dtype)  # (out, T) @ ((T, in) @ (in, r))
         if need_bias:
             d_bias = dy2.sum(0)
         return dx, None, d_bias, d_a, d_b, None
@@ -198,13 +204,15 @@ class LoraLayer(Adapter):
 
     def _base_computable_here(self, x: Tensor) -> bool:
         """What every fused path needs to compute the base itself instead of calling it: nothing
-        hooks the base, W is a frozen plain Parameter, x, W and A share a dtype, no autocast."""
+        hooks the base, W is a frozen plain Parameter, x and W share a dtype (A too, or A is the
+        fp32 of a 16-bit base: ``autocast_adapter_dtype``), no autocast."""
         w = self.base.weight
         return (
             bypassable(self.base)
             and type(w) is nn.Parameter
             and not w.requires_grad
-            and x.dtype == w.dtype == self.lora_A.dtype
+            and x.dtype == w.dtype
+            and (self.lora_A.dtype == w.dtype or self.lora_A.dtype == torch.float32)
             and not torch.is_autocast_enabled(x.device.type)
         )
 
@@ -286,7 +294,7 @@ def layer_kwargs(config: Any, spec: LayerSpec) -> dict[str, Any]:
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> LoraLayer:
     assert isinstance(config, LoraConfig)
-    return LoraLayer(base, **layer_kwargs(config, spec))
+    return upcast_adapter(LoraLayer(base, **layer_kwargs(config, spec)), config)
 
 
 METHOD = Method(

@@ -39,6 +39,8 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..config import AdapterConfig, check_finite_number, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, layer_kind
+from ..precision import upcast_adapter
+from .attached import expect_hook, mark_attached, unattached_message, warn_if_unattached
 from .lora import LORA_UNSUPPORTED, LoraLayer, layer_kwargs
 from .registry import LayerSpec, Method
 
@@ -97,14 +99,24 @@ class LoraFAConfig(AdapterConfig):
 
 
 def _keep_mask(like: Tensor, p: float, seed: int) -> Tensor:
-    """Dropout's scaled keep-mask (values 0 or 1/(1-p)), a pure function of ``seed``."""
+    """Dropout's scaled keep-mask (values 0 or 1/(1-p)) in ``like``'s dtype, a pure function of
+    ``seed`` and ``like``'s shape and device."""
     g = torch.Generator(device=like.device)
     g.manual_seed(seed)
-    return torch.empty_like(like).bernoulli_(1.0 - p, generator=g).div_(1.0 - p)
+    # Note: drawn in fp32 whatever ``like``'s dtype: forward draws it for x (bf16, say) and
+    # backward for ∂x in the adapter's dtype (fp32), and both must get the same mask.
+    keep = torch.empty(like.shape, dtype=torch.float32, device=like.device)
+    return keep.bernoulli_(1.0 - p, generator=g).to(like.dtype).div_(1.0 - p)
+
+
+def _scaled(keep: Tensor, p: float, like: Tensor) -> Tensor:
+    """A boolean keep-mask as dropout's scaled mask (0 or 1/(1-p)) in ``like``'s dtype."""
+    return keep.to(like.dtype) / (1.0 - p)
 
 
 class _FrozenABranch(torch.autograd.Function):
-    """``s · B (A D(x))`` for a frozen A: saves z = A D(x) (r-wide) and, for dropout, a seed."""
+    """``s · B (A D(x))`` for a frozen A: saves z = A D(x) (r-wide) and, for dropout, a seed from
+    which backward draws the mask again (or, when compiled, the boolean ``keep`` mask itself)."""
 
     @staticmethod
     def forward(
@@ -115,10 +127,14 @@ class _FrozenABranch(torch.autograd.Function):
         scaling: float,
         p: float,
         seed: int,
+        keep: Tensor | None,
     ) -> Tensor:
-        xd = x * _keep_mask(x, p, seed) if p > 0 else x
+        if keep is not None:
+            xd = x * _scaled(keep, p, x)
+        else:
+            xd = x * _keep_mask(x, p, seed) if p > 0 else x
         z = F.linear(xd.to(lora_A.dtype), lora_A)  # (..., r)
-        ctx.save_for_backward(z, lora_A, lora_B)
+        ctx.save_for_backward(z, lora_A, lora_B, keep)
         c: Any = ctx
         c.scaling, c.p, c.seed, c.x_dtype = scaling, p, seed, x.dtype
         return F.linear(z * scaling, lora_B)  # (..., out)
@@ -126,7 +142,7 @@ class _FrozenABranch(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        z, lora_A, lora_B = ctx.saved_tensors
+        z, lora_A, lora_B, keep = ctx.saved_tensors
         grad_x = grad_B = None
         if ctx.needs_input_grad[2]:
             g2 = g.reshape(-1, g.shape[-1])  # (N, out)
@@ -135,10 +151,12 @@ class _FrozenABranch(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gz = (g @ lora_B.to(g.dtype)) * ctx.scaling  # (..., out) @ (out, r) -> (..., r)
             grad_x = gz @ lora_A.to(gz.dtype)  # (..., r) @ (r, in) -> (..., in)
-            if ctx.p > 0:
+            if keep is not None:
+                grad_x = grad_x * _scaled(keep, ctx.p, grad_x)
+            elif ctx.p > 0:
                 grad_x = grad_x * _keep_mask(grad_x, ctx.p, ctx.seed)
             grad_x = grad_x.to(ctx.x_dtype)
-        return grad_x, None, grad_B, None, None, None
+        return grad_x, None, grad_B, None, None, None, None
 
 
 class LoraFALayer(LoraLayer):
@@ -162,20 +180,40 @@ class LoraFALayer(LoraLayer):
         return ("lora_B",)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        warn_if_unattached(self, UNATTACHED)
         out: Tensor = self.base(x, *args, **kwargs)
         if self.disabled or self.merged:
             return out
         p = self.lora_dropout if self.training else 0.0
-        if self.lora_A.requires_grad or not torch.is_grad_enabled():
-            # Note: A unfrozen by hand trains as plain LoRA (saving x); inference saves nothing.
+        if self.lora_A.requires_grad:
+            # Note: A unfrozen by hand trains as plain LoRA (saving x).
             branch: Tensor = self.update(F.dropout(x, p) if p > 0 else x)
-        else:
-            # Note: the seed comes from torch's global CPU generator, so torch.manual_seed makes
-            # the masks reproducible, and drawing it never synchronises a GPU.
-            seed = int(torch.randint(0, 2**62, ()).item()) if p > 0 else 0
+        elif p > 0 and torch.compiler.is_compiling():
+            # Note: a compiled graph cannot hold a torch.Generator nor read a seed with .item():
+            # the mask comes from the graph's own RNG and is saved (one byte per input element).
+            keep = torch.rand_like(x, dtype=torch.float32) >= p
             branch = _FrozenABranch.apply(  # type: ignore[no-untyped-call]
-                x, self.lora_A, self.lora_B, self.scaling, p, seed
+                x, self.lora_A, self.lora_B, self.scaling, p, 0, keep
             )
+        elif p > 0:
+            # Note: the seed comes from torch's global CPU generator, so torch.manual_seed makes
+            # the masks reproducible, and drawing it never synchronises a GPU. With or without
+            # grad the mask is the same function of that seed: reentrant checkpointing runs the
+            # forward first under no_grad, then again with grad from the same RNG state, and
+            # both must drop the same inputs (F.dropout in one of them would draw another mask).
+            seed = int(torch.randint(0, 2**62, ()).item())
+            if torch.is_grad_enabled():
+                branch = _FrozenABranch.apply(  # type: ignore[no-untyped-call]
+                    x, self.lora_A, self.lora_B, self.scaling, p, seed, None
+                )
+            else:
+                branch = self.update(x * _keep_mask(x, p, seed))
+        elif torch.is_grad_enabled():
+            branch = _FrozenABranch.apply(  # type: ignore[no-untyped-call]
+                x, self.lora_A, self.lora_B, self.scaling, 0.0, 0, None
+            )
+        else:
+            branch = self.update(x)  # inference saves nothing
         return out + branch.to(out.dtype)
 
     def extra_repr(self) -> str:
@@ -192,12 +230,20 @@ def corrected_grad(grad_B: Tensor, lora_A: Tensor, scaling: float) -> Tensor:
     return g.to(grad_B.dtype)
 
 
+UNATTACHED = unattached_message(
+    "LoRA-FA (gradient_correction=True)", "B's gradient is not corrected (plain LoRA-FA)"
+)
+
+
 class GradientCorrection:
     """TrainingHook: before each real optimizer step, replace every ``lora_B.grad`` by
     :func:`corrected_grad` (after accumulation and clipping, never on a skipped step)."""
 
     def __init__(self, layers: Sequence[LoraFALayer]) -> None:
         self.layers = list(layers)
+
+    def on_attach(self) -> None:
+        mark_attached(self.layers)
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -229,7 +275,7 @@ def check(model: nn.Module, config: Any, targets: Sequence[tuple[str, nn.Module]
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> LoraFALayer:
     assert isinstance(config, LoraFAConfig)
-    return LoraFALayer(base, **layer_kwargs(config, spec))
+    return upcast_adapter(LoraFALayer(base, **layer_kwargs(config, spec)), config)
 
 
 def make_hook(
@@ -237,7 +283,9 @@ def make_hook(
 ) -> GradientCorrection | None:
     if not config.gradient_correction:
         return None
-    return GradientCorrection([a for _, a in layers if isinstance(a, LoraFALayer)])
+    hook = GradientCorrection([a for _, a in layers if isinstance(a, LoraFALayer)])
+    expect_hook(hook.layers)
+    return hook
 
 
 METHOD = Method(

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..config import AdapterConfig, check_positive_int, check_probability
 from ..core import EMBEDDING, Adapter, base_device, base_dtype, layer_kind
+from ..precision import upcast_adapter
 from .registry import LayerSpec, Method
 
 MORA_TYPES = (1, 2, 3, 4, 6)
@@ -195,6 +196,14 @@ def compress_positions(in_features: int, rh: int, mora_type: int) -> tuple[Tenso
     return pos % in_features, (pos if mora_type == 6 else pos % rh)
 
 
+def block_core(x: Tensor, m: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Type 6's core ``u_b = (M R_b) x̃_b`` as plain differentiable ops, (..., n, r̂)."""
+    q = rotated_cores(m, cos, sin)  # (n, r̂, r̂)
+    n, rh = q.shape[0], q.shape[1]
+    xt = wrap_pad(x, n * rh).reshape(*x.shape[:-1], n, rh)  # (..., n, r̂)
+    return torch.einsum("...ni,nji->...nj", xt, q)  # (..., n, r̂)
+
+
 class _BlockCore(torch.autograd.Function):
     """Type 6's core ``u_b = Q_b x̃_b`` with Q_b = M R_b, keeping only ``x`` and M for backward.
 
@@ -205,10 +214,7 @@ class _BlockCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, m: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         ctx.save_for_backward(x, m, cos, sin)
-        q = rotated_cores(m, cos, sin)  # (n, r̂, r̂)
-        n, rh = q.shape[0], q.shape[1]
-        xt = wrap_pad(x, n * rh).reshape(*x.shape[:-1], n, rh)  # (..., n, r̂)
-        return torch.einsum("...ni,nji->...nj", xt, q)  # (..., n, r̂)
+        return block_core(x, m, cos, sin)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -254,7 +260,12 @@ class MoraLayer(Adapter):
         x = x.to(self.M.dtype)
         if self.mora_type == 6:
             cos, sin = self.rope_cos.to(x), self.rope_sin.to(x)  # (n, r̂)
-            y: Tensor = _BlockCore.apply(x, self.M, cos, sin)  # type: ignore[no-untyped-call]
+            if torch.compiler.is_compiling():
+                # Note: a compiled graph differentiates the plain ops (its partitioner picks what
+                # to save); the hand-written backward calls autograd.grad, which it cannot trace.
+                y: Tensor = block_core(x, self.M, cos, sin)
+            else:
+                y = _BlockCore.apply(x, self.M, cos, sin)  # type: ignore[no-untyped-call]
         else:
             y = F.linear(compress(x, self.r_hat, self.mora_type), self.M)  # (..., r̂)
         return decompress(y, self.out_features, self.mora_type)  # (..., out)
@@ -319,7 +330,8 @@ def check(model: nn.Module, config: MoraConfig, targets: Sequence[tuple[str, nn.
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> MoraLayer:
     assert isinstance(config, MoraConfig)
-    return MoraLayer(base, r=config.r, mora_type=config.mora_type, dropout=config.lora_dropout)
+    layer = MoraLayer(base, r=config.r, mora_type=config.mora_type, dropout=config.lora_dropout)
+    return upcast_adapter(layer, config)
 
 
 METHOD = Method(

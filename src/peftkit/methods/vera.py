@@ -34,6 +34,7 @@ from ..core import (
     layer_shape,
     model_state,
 )
+from ..precision import upcast_adapter
 from .registry import LayerSpec, Method
 
 
@@ -243,7 +244,7 @@ def prepare(
 
 def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> VeraLayer:
     assert isinstance(config, VeraConfig) and isinstance(spec.shared, VeraProjections)
-    return VeraLayer(
+    layer = VeraLayer(
         base,
         spec.shared,
         r=config.r,
@@ -251,6 +252,7 @@ def make_layer(base: nn.Module, config: AdapterConfig, spec: LayerSpec) -> VeraL
         d_initial=config.d_initial,
         init_weights=config.init_weights,
     )
+    return upcast_adapter(layer, config)
 
 
 def on_load(model: nn.Module, d: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -204,9 +204,17 @@ def _nf4_tables(device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
             if not math.isinf(float(th[j])):
                 raise RuntimeError("NF4 rounding table: two midpoints share a bucket")
             th[j] = m
+    return lo.to(torch.uint8).to(device), th.to(device), _pair_table(device)
+
+
+@cache
+def _pair_table(device: torch.device) -> Tensor:
+    """``PAIR[byte] = (c[hi], c[lo])`` (256, 2) fp32: the dequantization table. Tensor ops only,
+    so a compiled graph builds it (or folds it) without a break; quantization's tables are not
+    needed to dequantize."""
+    code = NF4_CODEBOOK
     byte = torch.arange(256)
-    pair = torch.stack([code[byte >> 4], code[byte & 15]], dim=1)  # (256, 2)
-    return lo.to(torch.uint8).to(device), th.to(device), pair.contiguous().to(device)
+    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).contiguous().to(device)
 
 
 _MAGIC = 49152.0  # 1.5 * 2^15: floats in [2^15, 2^16) are spaced exactly 1/256 apart
@@ -373,14 +381,18 @@ def nf4_dequantize(q: NF4Tensor, *, compile: bool = False) -> Tensor:
     the first call per shape compiles for seconds; results are bit-identical).
     """
     scales = _block_scales(q)
-    _, _, pair = _nf4_tables(q.packed.device)
+    pair = _pair_table(q.packed.device)
     B = q.blocksize
     n = q.numel()
     n_full = n // B
     full = n_full * B
     packed = q.packed.view(-1)
-    if compile:
-        body = _compiled_dequantize()(packed[: full // 2], scales[:n_full], pair, q.dtype)
+    # Note: inside a compiled graph the chunked loop (dtype views, out= writes) would only get in
+    # the compiler's way: the plain full-block form is what it fuses.
+    compiling = torch.compiler.is_compiling()
+    if compile or compiling:
+        dequant = _dequantize_full_blocks if compiling else _compiled_dequantize()
+        body = dequant(packed[: full // 2], scales[:n_full], pair, q.dtype)
         if full == n:
             return body.view(q.shape)
         out = torch.empty(n, dtype=q.dtype, device=q.packed.device)
