@@ -18,6 +18,7 @@ from .core import (
     trainable_parameters,
     unmerge,
 )
+from .gguf_export import export_gguf
 from .hooks import TrainingHook, attach, detach, register_hook
 from .inject import adapt, find_targets, merge_and_unload, unload
 from .methods import METHODS
@@ -60,6 +61,7 @@ __all__ = [
     "dense_weight",
     "detach",
     "disable_adapters",
+    "export_gguf",
     "export_lora",
     "find_targets",
     "load_adapter",
