@@ -109,7 +109,8 @@ def gguf_adapter_tensors(
             a, b = layer.lora_factors(rank)
         except ValueError as e:
             raise ValueError(
-                f"{name}: {e}. A llama.cpp adapter holds only B·A; {_MERGE_HINT}"
+                f"{name}: {e} (on the command line: `peftkit merge`); a llama.cpp adapter holds "
+                "only B·A, so convert the merged folder with llama.cpp's convert_hf_to_gguf.py"
             ) from None
         factors[target] = (a.detach().float().cpu(), b.detach().float().cpu(), heads)
     if not factors:
