@@ -390,7 +390,7 @@ def test_cli_export_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
     model = trained(AutoModelForCausalLM.from_pretrained(str(base)), METHODS["lora"]())
     peftkit.save_adapter(model, tmp_path / "adapter")
-    args = ["--adapter", tmp_path / "adapter", "--model", base, "--task", "causal-lm"]
+    args = ["--adapter", tmp_path / "adapter", "--model", base]  # the task defaults to causal-lm
     out = tmp_path / "a.gguf"
     code = cli.main([str(a) for a in ["export", *args, "--output", out, "--format", "gguf"]])
     stdout, stderr = capsys.readouterr()

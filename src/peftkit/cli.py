@@ -787,6 +787,8 @@ def _export_gguf(args: argparse.Namespace) -> int:
 
     if Path(args.output).suffix != ".gguf":  # before the model loads
         raise CliError(f"{args.output}: a GGUF adapter file name must end in .gguf")
+    # llama.cpp runs generative models: a folder that names no task is a causal LM's adapter.
+    args.task = args.task or _read_info(Path(args.adapter)).get("task") or T.CAUSAL_LM
     model, _, _, _, _ = _rebuild(args)
     out = export_gguf(model, args.output, rank=args.rank)
     print(f"wrote      {out} (llama.cpp LoRA adapter; load it beside the base model's GGUF)")
