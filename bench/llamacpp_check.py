@@ -10,11 +10,12 @@ and converts the GGUF to a transformers folder (bench/w5_smollm2.py). Then, in f
 1. a seeded LoRA (r 8, α 16, every B random) on all seven projections of the HF model;
 2. ``peftkit.export_gguf`` → ``adapter.gguf``, and a control file whose q/k B rows are left in
    HF order (what an exporter without llama.cpp's Q/K permutation would write);
-3. llama.cpp (base GGUF + adapter, ``lora_scale`` 1) against peftkit's merged model: the logits at
-   every position of a few chat prompts, and 20 greedy tokens each. The base alone first: that is
-   the floor of agreement. Two bases: the shipped Q4_1 GGUF (llama.cpp multiplies in 4-bit/8-bit
-   blocks), and the same weights dequantised into an F32 GGUF (transformers loads exactly these
-   values), so that only fp32 round-off separates the two programs.
+3. llama.cpp (base GGUF + adapter, ``lora_scale`` 1, an f32 KV cache: ``--kv f16`` is llama.cpp's
+   default) against peftkit's merged model: the logits at every position of a few chat prompts,
+   and 20 greedy tokens each. The base alone first: that is the floor of agreement. Two bases: the
+   shipped Q4_1 GGUF (llama.cpp multiplies in 4-bit/8-bit blocks), and the same weights
+   dequantised into an F32 GGUF (transformers loads exactly these values), so that only fp32
+   round-off separates the two programs.
 """
 
 from __future__ import annotations
@@ -174,12 +175,15 @@ def hf_run(model: nn.Module, prompts: list[list[int]]) -> tuple[list[np.ndarray]
 
 
 def cpp_run(
-    lib: Any, model_path: Path, lora: Path | None, prompts: list[list[int]]
+    lib: Any, model_path: Path, lora: Path | None, prompts: list[list[int]], kv: str
 ) -> tuple[list[np.ndarray], list[list[int]]]:
+    kv_type = {"f32": lib.GGML_TYPE_F32, "f16": lib.GGML_TYPE_F16}[kv]
     llm = lib.Llama(
         model_path=str(model_path),
         lora_path=str(lora) if lora else None,
         logits_all=True,
+        type_k=kv_type,
+        type_v=kv_type,
         n_ctx=128,
         n_batch=128,
         n_threads=torch.get_num_threads(),
@@ -227,6 +231,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--kv",
+        choices=("f32", "f16"),
+        default="f32",
+        help="llama.cpp's KV cache (its default: f16)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     lib = llama_cpp()
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"SmolLM2-135M-Instruct, LoRA r 8 on {len(W1_TARGETS)} projections x 30 layers "
           f"(seed {args.seed}), {len(prompts)} chat prompts ({n_pos} positions), "
           f"{N_GREEDY} greedy tokens each; llama-cpp-python {lib.__version__}, "
-          f"{args.threads} threads")  # fmt: skip
+          f"{args.threads} threads, KV cache {args.kv}")  # fmt: skip
     print(f"q/k layout: max |unpermute_rows(F32 GGUF) - HF| over 30 layers = {layout:.1e}")
     print(f"{'':54} max|dlogit|  argmax     greedy (leading tokens equal)")
     print(f"{'the adapter itself: HF merged vs HF base':54} {compare(hf_merged, hf_base)}")
@@ -266,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         }
         print(f"-- base GGUF {label}")
         for name, (lora, ref) in rows.items():
-            print(f"   {name:51} {compare(cpp_run(lib, base, lora, prompts), ref)}", flush=True)
+            got = cpp_run(lib, base, lora, prompts, args.kv)
+            print(f"   {name:51} {compare(got, ref)}", flush=True)
         print(f"   ({time.perf_counter() - t0:.0f} s)")
 
 
