@@ -51,6 +51,7 @@ PROMPTS = (
     "List three primary colors.",
 )
 N_GREEDY = 20
+Run = tuple[list[np.ndarray], list[list[int]]]  # logits (T, V) and greedy tokens, per prompt
 
 
 def llama_cpp() -> Any:
@@ -159,7 +160,7 @@ def write_unpermuted(model: nn.Module, path: Path) -> None:
 
 
 @torch.no_grad()
-def hf_run(model: nn.Module, prompts: list[list[int]]) -> tuple[list[np.ndarray], list[list[int]]]:
+def hf_run(model: nn.Module, prompts: list[list[int]]) -> Run:
     """Logits at every prompt position, and N_GREEDY greedy tokens, per prompt."""
     logits, greedy = [], []
     for ids in prompts:
@@ -176,7 +177,7 @@ def hf_run(model: nn.Module, prompts: list[list[int]]) -> tuple[list[np.ndarray]
 
 def cpp_run(
     lib: Any, model_path: Path, lora: Path | None, prompts: list[list[int]], kv: str
-) -> tuple[list[np.ndarray], list[list[int]]]:
+) -> Run:
     kv_type = {"f32": lib.GGML_TYPE_F32, "f16": lib.GGML_TYPE_F16}[kv]
     llm = lib.Llama(
         model_path=str(model_path),
@@ -206,17 +207,24 @@ def cpp_run(
     return logits, greedy
 
 
-def compare(
-    a: tuple[list[np.ndarray], list[list[int]]], b: tuple[list[np.ndarray], list[list[int]]]
-) -> str:
-    diff = max(float(np.abs(x - y).max()) for x, y in zip(a[0], b[0], strict=True))
+def compare(a: Run, b: Run, effect: tuple[Run, Run] | None = None) -> str:
+    """max and mean |Δlogit|, argmax agreement, greedy agreement; with ``effect = (a₀, b₀)`` (the
+    two bases) also max |(a − a₀) − (b − b₀)|: the adapter's own effect compared, the base's
+    error (e.g. llama.cpp's 4-bit arithmetic) cancelled."""
+    d = np.concatenate([np.abs(x - y).ravel() for x, y in zip(a[0], b[0], strict=True)])
     top = np.concatenate([x.argmax(-1) == y.argmax(-1) for x, y in zip(a[0], b[0], strict=True)])
     lead = [_agree(x, y) for x, y in zip(a[1], b[1], strict=True)]
     same = sum(n == N_GREEDY for n in lead)
-    return (
-        f"{diff:>11.2e}  {int(top.sum()):>4}/{top.size:<4}  "
-        f"{same}/{len(lead)} identical ({', '.join(map(str, lead))})"
-    )
+    cells = f"{d.max():>9.2e} {d.mean():>9.2e}"
+    if effect is None:
+        cells += f" {'':>9}"
+    else:
+        a0, b0 = effect[0][0], effect[1][0]
+        e = max(float(np.abs((x - x0) - (y - y0)).max())
+                for x, x0, y, y0 in zip(a[0], a0, b[0], b0, strict=True))  # fmt: skip
+        cells += f" {e:>9.2e}"
+    greedy = f"{same}/{len(lead)} ({', '.join(map(str, lead))})"
+    return f"{cells}  {int(top.sum()):>3}/{top.size:<3}  {greedy}"
 
 
 def _agree(x: list[int], y: list[int]) -> int:
@@ -265,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{N_GREEDY} greedy tokens each; llama-cpp-python {lib.__version__}, "
           f"{args.threads} threads, KV cache {args.kv}")  # fmt: skip
     print(f"q/k layout: max |unpermute_rows(F32 GGUF) - HF| over 30 layers = {layout:.1e}")
-    print(f"{'':54} max|dlogit|  argmax     greedy (leading tokens equal)")
+    print(f"{'':54} {'max|dl|':>9} {'mean|dl|':>9} {'effect':>9}  argmax   greedy identical "
+          "(leading tokens equal)")  # fmt: skip
     print(f"{'the adapter itself: HF merged vs HF base':54} {compare(hf_merged, hf_base)}")
     for label, base in (("Q4_1 (shipped)", shipped_gguf()), ("F32", f32_gguf(shipped_gguf()))):
         t0 = time.perf_counter()
@@ -275,9 +284,13 @@ def main(argv: list[str] | None = None) -> None:
             "no q/k permutation (control) vs peftkit merged": (control, hf_merged),
         }
         print(f"-- base GGUF {label}")
+        cpp_base: Run | None = None
         for name, (lora, ref) in rows.items():
             got = cpp_run(lib, base, lora, prompts, args.kv)
-            print(f"   {name:51} {compare(got, ref)}", flush=True)
+            effect = None if cpp_base is None else (cpp_base, hf_base)
+            if cpp_base is None:
+                cpp_base = got
+            print(f"   {name:51} {compare(got, ref, effect)}", flush=True)
         print(f"   ({time.perf_counter() - t0:.0f} s)")
 
 
