@@ -1,21 +1,7 @@
-"""Export an adapted model as a llama.cpp LoRA adapter (a GGUF file).
+"""Export an adapted model as a llama.cpp LoRA adapter (a GGUF file): :func:`export_gguf`.
 
-llama.cpp loads such a file beside the base model's GGUF (``llama-cli -m base.gguf --lora a.gguf``,
-``llama_cpp.Llama(model_path=..., lora_path=...)``, an Ollama ``ADAPTER`` line). The layout is the
-one llama.cpp's ``convert_lora_to_gguf.py`` writes and ``src/llama-adapter.cpp`` reads
-(https://github.com/ggml-org/llama.cpp; GGUF v3: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
-
-* metadata ``general.architecture`` (``llama``, ``qwen2``), ``general.type = "adapter"``,
-  ``adapter.type = "lora"``, ``adapter.lora.alpha`` (float32);
-* per adapted linear, two float32 tensors named after the base tensor:
-  ``blk.N.attn_q.weight.lora_a`` holds A ``(r, in)`` and ``….lora_b`` holds B ``(out, r)``, in
-  torch layout (GGUF lists the dimensions reversed: ``ne = [in, r]`` and ``[r, out]``);
-* llama.cpp computes ``W x + scale · B (A x)`` with ``scale = lora_scale · alpha / r``, r read
-  from B. peftkit writes ``alpha`` = the largest rank and folds each layer's own scaling into B,
-  so ``lora_scale = 1`` reproduces the adapted model (rsLoRA and per-module ranks included);
-* llama.cpp's Llama converter interleaves the two rotary halves of every head of ``q_proj`` and
-  ``k_proj`` (:func:`permute_rows`); the rows of B for those two get the same permutation, A stays.
-  Without it a q/k adapter would load without error and compute garbage attention.
+The q/k row permutation (:func:`permute_rows`) is the one llama.cpp's Llama converter applies to
+the base weights; :func:`write_gguf` is a minimal GGUF v3 writer (no dependency on ``gguf``).
 """
 
 from __future__ import annotations
@@ -161,15 +147,35 @@ def _gguf_name(
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike[str], *, rank: int | None = None) -> Path:
-    """Write ``model``'s adapters as a llama.cpp LoRA adapter GGUF at ``path`` (see the module
-    docstring for the format) and return the path.
+    """Write ``model``'s adapters as a llama.cpp LoRA adapter at ``path`` (``.gguf``).
+
+    llama.cpp loads it beside the base model's GGUF (``llama-cli -m base.gguf --lora a.gguf``,
+    ``llama_cpp.Llama(model_path=..., lora_path=...)``, an Ollama ``ADAPTER`` line). The layout
+    is the one llama.cpp's ``convert_lora_to_gguf.py`` writes and ``src/llama-adapter.cpp``
+    reads (https://github.com/ggml-org/llama.cpp; GGUF v3:
+    https://github.com/ggml-org/ggml/blob/master/docs/gguf.md):
+
+    * metadata ``general.architecture`` (``llama``, ``qwen2``), ``general.type = "adapter"``,
+      ``adapter.type = "lora"``, ``adapter.lora.alpha`` (float32);
+    * per adapted linear, two float32 tensors named after the base tensor:
+      ``blk.N.attn_q.weight.lora_a`` holds A ``(r, in)`` and ``….lora_b`` holds B ``(out, r)``,
+      in torch layout (GGUF lists dimensions reversed: ``ne = [in, r]`` and ``[r, out]``);
+    * llama.cpp computes ``W x + scale · B (A x)`` with ``scale = lora_scale · alpha / r``, r
+      read from B. peftkit writes ``alpha`` = the largest rank and folds each module's own
+      scaling into B, so ``lora_scale = 1`` reproduces the adapted model (rsLoRA and
+      per-module ranks included);
+    * llama.cpp's Llama converter interleaves the two rotary halves of every head of ``q_proj``
+      and ``k_proj``; the rows of B for those two get the same permutation, A stays. Without it
+      a q/k adapter would load without error and compute garbage attention.
 
     Works for any method with an exact LoRA form (``layer.lora_factors``; ``rank`` truncates
-    where the method allows it, as in :func:`peftkit.export_lora`) on Llama, Mistral and Qwen2
-    models. Refuses DoRA (Liu) and other full-rank updates, ``modules_to_save``, embedding
-    LoRAs and an ``lm_head`` tied to the embedding, naming ``peftkit merge`` plus llama.cpp's
-    ``convert_hf_to_gguf.py`` instead. The file is written to a temporary name and renamed, so
-    an existing file at ``path`` is either replaced whole or left untouched.
+    where the method allows it, as in :func:`peftkit.export_lora`) on Llama and Mistral
+    (``llama``) and Qwen2 (``qwen2``, not permuted) models, for adapters on the seven
+    projections and an untied ``lm_head``. Refuses DoRA (Liu) and other full-rank updates,
+    ``modules_to_save``, embedding LoRAs and an ``lm_head`` tied to the embedding, naming
+    ``peftkit merge`` plus llama.cpp's ``convert_hf_to_gguf.py`` instead. The file is written to
+    a temporary name and renamed: an existing file at ``path`` is replaced whole or left as it
+    was.
     """
     out = Path(path)
     if out.suffix != ".gguf":
