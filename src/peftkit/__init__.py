@@ -20,6 +20,7 @@ from .core import (
     trainable_parameters,
     unmerge,
 )
+from .gguf_export import export_gguf
 from .hooks import TrainingHook, attach, detach, register_hook
 from .inject import (
     active_adapters,
@@ -77,6 +78,7 @@ __all__ = [
     "dense_weight",
     "detach",
     "disable_adapters",
+    "export_gguf",
     "export_lora",
     "find_targets",
     "load_adapter",
