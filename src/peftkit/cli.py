@@ -1170,7 +1170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     try:
-        return int(args.func(args))
+        return _leave_process_group(int(args.func(args)))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -1185,7 +1185,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(e, KeyError):
             text = f"missing key {text}"
         print(f"{PROG}: error: {text}", file=sys.stderr)
-        return 2
+        return _leave_process_group(2)
+
+
+def _leave_process_group(code: int) -> int:
+    """A rank of a multi-process run (``--nproc``, torchrun, accelerate) destroys its process
+    group and leaves at once: gloo's threads can abort the interpreter's own teardown
+    ("terminate called without an active exception") after the work is done and written."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return code
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
