@@ -7,6 +7,7 @@ peftkit.attach(optimizer, model)      # methods with step-time dynamics; harmles
 peftkit.save_adapter(model, "out")    # PEFT's file layout
 """
 
+from . import pretrained as _pretrained  # noqa: F401  (registers save_pretrained with adapt)
 from .combining import combine
 from .config import AdapterConfig
 from .core import (

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import pretrained
 from .config import AdapterConfig
 from .core import (
     DEFAULT,
@@ -38,6 +37,11 @@ SHARED_ATTR = "peftkit_shared"
 #: Adapter names become folder names (PEFT's multi-adapter layout): keep them path-safe.
 NAME_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,99}")
 RESERVED = frozenset({"__base__"})
+#: Called with the model after every ``adapt`` and after the last adapter is removed; modules of a
+#: higher layer register here (``peftkit.pretrained`` gives an adapted HF model a
+#: ``save_pretrained`` that writes adapters), so this module imports none of them.
+ON_ADAPTED: list[Callable[[nn.Module], None]] = []
+ON_UNLOADED: list[Callable[[nn.Module], None]] = []
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -257,7 +261,8 @@ def adapt(model: nn.Module, config: AdapterConfig, *, name: str = DEFAULT) -> nn
         state.active = [name]
     state.generation += 1
     object.__setattr__(root, STATE_ATTR, state)
-    pretrained.install(root)  # save_pretrained writes the adapters, not a broken model
+    for call in ON_ADAPTED:
+        call(root)
     _apply_active(root, state)
     if method.make_hook is not None:
         with focused(root, name):
@@ -404,7 +409,8 @@ def _restore(model: nn.Module, *, merged: bool) -> nn.Module:
     if hasattr(root, SHARED_ATTR):
         delattr(root, SHARED_ATTR)
     object.__delattr__(root, STATE_ATTR)
-    pretrained.remove(root)
+    for call in ON_UNLOADED:
+        call(root)
     return model
 
 

@@ -28,6 +28,9 @@ from typing import Any
 
 from torch import nn
 
+from .inject import ON_ADAPTED, ON_UNLOADED
+from .state import save_adapter
+
 ATTR = "save_pretrained"
 
 
@@ -45,8 +48,6 @@ def save_pretrained(
     ``state_dict`` (passed by the Trainer under DeepSpeed/FSDP) is not used: the adapter's own
     tensors are written. ``safe_serialization``, ``max_shard_size`` and the like do not apply to
     an adapter file and are ignored."""
-    from .state import save_adapter
-
     if push_to_hub:
         raise ValueError(
             "save_pretrained(push_to_hub=True) is not supported on a peftkit model; write the "
@@ -70,5 +71,8 @@ def remove(root: nn.Module) -> None:
     """Undo :func:`install`: the class's ``save_pretrained`` applies again."""
     vars(root).pop(ATTR, None)
 
+
+ON_ADAPTED.append(install)
+ON_UNLOADED.append(remove)
 
 __all__ = ["install", "remove", "save_pretrained"]
