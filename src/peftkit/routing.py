@@ -42,7 +42,7 @@ from .core import (
     Adapter,
     ModelState,
     ModulesToSave,
-    adapters,
+    adapted_layers,
     get_state,
     unwrap,
 )
@@ -62,6 +62,7 @@ class Route:
         self.factor: int | None = None  # rows repeated by generate (beams × return sequences)
         self._plans: dict[Any, Any] = {}
         self._layer_plans: dict[Any, Any] = {}  # read by routed_forward
+        self._signature: tuple[Any, ...] | None = None
         self._device_ids: dict[torch.device, Tensor] = {}
 
     # -- the batch the model was called with ------------------------------------------------------
@@ -83,7 +84,8 @@ class Route:
         if self.factor is not None and rows == n * self.factor:
             return
         if rows == n:
-            self.factor = 1
+            if self.factor != 1:
+                self.factor, self._signature = 1, None
             return
         if rows % n == 0 and rows > n:
             k = rows // n
@@ -92,6 +94,7 @@ class Route:
                 self.factor = k
                 self._plans.clear()
                 self._layer_plans.clear()
+                self._signature = None
                 return
         raise ValueError(
             f"route was given {n} adapter names/ids (one per row), but the batch has {rows} rows"
@@ -154,6 +157,14 @@ class Route:
     def copies(self, m: ModulesToSave, *args: Any, **kwargs: Any) -> Any:
         """What a ``modules_to_save`` module computes inside this route."""
         return routed_copies(m, self, *args, **kwargs)
+
+    def signature(self) -> tuple[Any, ...]:
+        """What the per-layer plans depend on: the index's kind, content and row expansion."""
+        if self._signature is None:
+            self._signature = (
+                self.kind, self.factor, tuple(self.ids.shape), self.ids.numpy().tobytes()
+            )
+        return self._signature
 
     def plan(self, key: Any, build: Any) -> Any:
         got = self._plans.get(key)
@@ -269,9 +280,22 @@ def routed_forward(
            layer.training)
     plan = route._layer_plans.get(key)
     if plan is None:
-        plan = _layer_plan(layer, route, x, args, kwargs)
+        # Note: a route opened per decoding step (a server) repeats the same index: the layer
+        # keeps the last few plans by the index's content.
+        mine: dict[Any, Any] = layer.__dict__.setdefault("_peftkit_plans", {})
+        if mine.get("generation") != route.state.generation:  # adapters added or deleted
+            mine.clear()
+            mine["generation"] = route.state.generation
+        lkey = (route.signature(), *key[1:])
+        plan = mine.get(lkey)
+        if plan is None:
+            plan = _layer_plan(layer, route, x, args, kwargs)
+            if len(mine) > 16:
+                mine.clear()
+                mine["generation"] = route.state.generation
+            mine[lkey] = plan
         route._layer_plans[key] = plan
-    tag, lead, slots, used, pos, ads, kind, eligible = plan
+    tag, lead, slots, used, pos, ads, kind, eligible, extras = plan
     if not used:
         return out
     st = _stack(layer, ads, used) if eligible and not (args or kwargs) else None
@@ -287,7 +311,9 @@ def routed_forward(
             cols = torch.arange(st.a.shape[0], device=pos.device).repeat_interleave(st.rank)
             return (cols[None, :] == pos[:, None]).to(st.a.dtype)  # (n, (U+1)·r)
 
-        m = route.plan(("mask", tag, lead, st.rank), mask)
+        m = extras.get(("mask", st.rank))
+        if m is None:
+            m = extras[("mask", st.rank)] = mask()
         h = F.linear(xf, st.a_cat) * m  # (n, (U+1)·r)
         if st.g is None and of.dtype == h.dtype:
             return torch.addmm(of, h, st.b_cat.t()).view(out.shape)  # one GEMM onto the base
@@ -297,7 +323,10 @@ def routed_forward(
         rpos = pos.view(rows, -1)[:, 0]  # (rows,)
         x3 = xf.view(rows, -1, xf.shape[-1])  # (rows, T, in)
         h = torch.bmm(x3, st.a[rpos].transpose(1, 2))  # (rows, T, in) @ (rows, in, r)
-        y = torch.bmm(h, st.b[rpos].transpose(1, 2)).view(n, n_out)  # (rows, T, out)
+        bt = st.b[rpos].transpose(1, 2)  # (rows, r, out)
+        if st.g is None and of.dtype == h.dtype:  # accumulate onto the base output: one pass
+            return torch.baddbmm(out.reshape(rows, -1, n_out), h, bt).view(out.shape)
+        y = torch.bmm(h, bt).view(n, n_out)  # (rows, T, out)
     else:
         # per token: group the positions by adapter, pad to the largest group, two bmm's
         def groups() -> tuple[Tensor, Tensor, int]:
@@ -312,7 +341,9 @@ def routed_forward(
             dest = gs * width + (torch.arange(tok.numel(), device=tok.device) - starts[gs])
             return tok, dest, width
 
-        tok, dest, width = route.plan(("groups", tag, lead), groups)
+        if "groups" not in extras:
+            extras["groups"] = groups()
+        tok, dest, width = extras["groups"]
         u = len(used)
         xp = xf.new_zeros(u * width, xf.shape[-1]).index_copy(0, dest, xf[tok])
         h = torch.bmm(xp.view(u, width, -1), st.a[:u].transpose(1, 2))  # (U, L, r)
@@ -347,7 +378,8 @@ def _layer_plan(
     slots, used, pos = route.plan(("pos", tag, lead), positions)
     all_ads = list(layer.adapters.values())
     ads: list[Adapter] = [all_ads[i] for i in used]  # type: ignore[misc]
-    return tag, lead, slots, used, pos, ads, kind, _eligible(ads, args, kw)
+    extras: dict[Any, Any] = {}  # the masked and grouped forms' index tensors, built on demand
+    return tag, lead, slots, used, pos, ads, kind, _eligible(ads, args, kw), extras
 
 
 def _per_adapter(
@@ -466,14 +498,15 @@ def route(model: nn.Module, adapters_: Any, *, packed: bool = False) -> Iterator
         if ids.dim() != 1:
             raise ValueError(f"packed=True takes (N,) per-token ids, got {tuple(ids.shape)}")
         kind = PACKED
-    used = {state.names()[i] for i in ids.unique().tolist() if i >= 0}
+    # Note: one walk over the layers, however many adapters are loaded.
+    for path, layer in adapted_layers(root):
+        for name, a in layer.adapters.items():
+            if a.merged:  # type: ignore[union-attr]
+                raise ValueError(
+                    f"adapter {name!r} is merged into the base weights (e.g. {path}), which "
+                    "every row shares; call peftkit.unmerge(model) before routing a mixed batch"
+                )
     for name in state.names():
-        merged = [p for p, a in adapters(root, name) if a.merged]
-        if merged:
-            raise ValueError(
-                f"adapter {name!r} is merged into the base weights (e.g. {merged[0]}), which every "
-                "row shares; call peftkit.unmerge(model) before routing a mixed batch"
-            )
         method = type(state.adapters[name].config).__name__
         if getattr(state.adapters[name].config, "method", "") == "delta_lora":
             raise ValueError(
@@ -481,7 +514,6 @@ def route(model: nn.Module, adapters_: Any, *, packed: bool = False) -> Iterator
                 "cannot be mixed with others: export it exactly with peftkit.export_lora(model, "
                 "DIR, name=...) (a rank-2r LoRA) and load that instead"
             )
-    del used
     r = Route(state, ids, kind, state.names())
 
     def observe(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
