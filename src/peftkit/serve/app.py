@@ -313,9 +313,8 @@ class Run:
                 pass
 
         self.engine = state.engine
-        if self.engine.error is not None:
-            raise ApiError(503, f"the model failed and the server cannot answer: "
-                           f"{self.engine.error}", type_="server_error")
+        if not self.engine.alive():
+            raise ApiError(503, "the server's engine has stopped", type_="server_error")
         self.req = self.engine.submit(prompt, adapter=adapter, sampling=sp, emit=emit)
 
     @property
@@ -470,9 +469,11 @@ def build_app(state: ServerState) -> Starlette:
 
     async def health(request: Request) -> Response:
         rows, waiting = state.engine.load()
-        ok = state.engine.error is None
+        ok = state.engine.alive()
+        st = state.engine.stats
         return JSONResponse({"status": "ok" if ok else "error", "running": rows,
-                             "waiting": waiting}, status_code=200 if ok else 503)
+                             "waiting": waiting, "requests": st.requests, "tokens": st.tokens,
+                             "steps": st.steps}, status_code=200 if ok else 503)
 
     async def models(request: Request) -> Response:
         base = {"id": state.base_name, "object": "model", "created": state.created,

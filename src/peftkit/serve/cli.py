@@ -148,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sp = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     engine.submit(ids, adapter="adapter" if adapters else None, sampling=sp, emit=emit)
-    with torch.inference_mode():
+    with torch.no_grad():
         while not ended:
             engine.step()
     sys.stdout.write("\n")

@@ -38,8 +38,10 @@ import contextlib
 import copy
 import queue
 import secrets
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -188,7 +190,6 @@ class Engine:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.stats = Stats()
-        self.error: BaseException | None = None
         # adapters being unloaded: no new request may name them
         self.leaving: set[str] = set()
 
@@ -262,6 +263,9 @@ class Engine:
         self.wake.set()
         return done
 
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
     def load(self) -> tuple[int, int]:
         """``(running rows, waiting requests)``."""
         return len(self.rows), len(self.waiting) + self.inbox.qsize()
@@ -279,26 +283,21 @@ class Engine:
 
     # -- the engine thread ----------------------------------------------------------------------
     def run(self) -> None:
-        try:
-            with torch.inference_mode():
-                while True:
-                    worked = self.step()
-                    if not worked:
-                        if self.stopping and self.inbox.empty() and self.control.empty():
-                            return
-                        self.wake.wait(0.05)
-                        self.wake.clear()
-        except BaseException as e:  # the model failed: end every request with the error
-            self.error = e
-            for c in self.rows:
-                c.request.emit(Event("error", text=f"{type(e).__name__}: {e}"))
-            for r in self.waiting:
-                r.emit(Event("error", text=f"{type(e).__name__}: {e}"))
-            raise
+        # Note: no_grad, not inference_mode: adapters loaded between steps must stay ordinary
+        # tensors (inference tensors have no version counter, which routing's caches read).
+        with torch.no_grad():
+            while True:
+                worked = self.step()
+                if not worked:
+                    if self.stopping and self.inbox.empty() and self.control.empty():
+                        return
+                    self.wake.wait(0.05)
+                    self.wake.clear()
 
     def step(self) -> bool:
         """One scheduling step: control calls, admissions (prefill), one decoding step.
-        Returns whether there was anything to do."""
+        Returns whether there was anything to do. A forward that raises ends the requests it
+        served with an ``"error"`` event (and the traceback on stderr); the engine goes on."""
         worked = self._run_control()
         while True:
             try:
@@ -308,10 +307,21 @@ class Engine:
         worked = self._admit() or worked
         self._drop_finished()
         if self.rows:
-            self._decode()
+            try:
+                self._decode()
+            except Exception as e:
+                self._fail({id(c.request): c.request for c in self.rows}.values(), e)
+                self.rows, self.cache, self.mask = [], None, None
             self._drop_finished()
             worked = True
         return worked
+
+    def _fail(self, requests: Any, e: BaseException) -> None:
+        traceback.print_exception(e, file=sys.stderr)
+        for req in requests:
+            if req.finished is None:
+                req.finished = time.monotonic()
+                req.emit(Event("error", text=f"{type(e).__name__}: {e}"))
 
     def _run_control(self) -> bool:
         pending = []
@@ -351,7 +361,12 @@ class Engine:
             if req.sampling.n > room or (admitted and len(req.prompt) > budget):
                 keep.append(req)
                 continue
-            self._prefill(req)
+            try:
+                self._prefill(req)
+            except Exception as e:
+                self._fail([req], e)
+                for c in req.choices:
+                    c.finished = CANCELLED
             budget -= len(req.prompt)
             admitted = True
         self.waiting = keep
