@@ -108,9 +108,8 @@ def build_folder(root: Path) -> None:
     tok.save_pretrained(root / BASE)
     for i, name in enumerate(ADAPTERS):
         m = LlamaForCausalLM.from_pretrained(root / BASE)
-        peftkit.adapt(
-            m, peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
-        )
+        targets = ["q_proj", "v_proj", "down_proj"]
+        peftkit.adapt(m, peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
         g = torch.Generator().manual_seed(10 + i)
         with torch.no_grad():
             for p in m.parameters():
@@ -132,12 +131,26 @@ class Server:
 
     def __init__(self, root: Path, *args: str) -> None:
         self.log_path = root / f"serve-{time.monotonic_ns()}.log"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get(
-            "PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1",
+        }
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "peftkit", "serve", "--model", str(root / BASE),
-             "--port", "0", "--threads", "1", *args],
+            [
+                sys.executable,
+                "-m",
+                "peftkit",
+                "serve",
+                "--model",
+                str(root / BASE),
+                "--port",
+                "0",
+                "--threads",
+                "1",
+                *args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=self.log_file,
             env=env,
@@ -166,12 +179,20 @@ class Server:
         self.log_file.close()
 
     def client(self, key: str = KEY) -> Any:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key,
-                             max_retries=0, timeout=60)
+        return openai.OpenAI(
+            base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=60
+        )
 
-    def http(self, method: str, path: str, body: Any = None, *, key: str | None = KEY,
-             raw: bytes | None = None, headers: dict[str, str] | None = None
-             ) -> tuple[int, Any]:
+    def http(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        key: str | None = KEY,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
             h = {"Content-Type": "application/json", **(headers or {})}
@@ -192,8 +213,17 @@ class Server:
 @pytest.fixture(scope="module")
 def server(folder: Path) -> Iterator[Server]:
     adapters = [f"--adapter={n}={folder / n}" for n in ADAPTERS]
-    s = Server(folder, *adapters, "--api-key", KEY, "--allow-adapter-loading",
-               "--served-model-name", BASE, "--max-body-bytes", "65536")
+    s = Server(
+        folder,
+        *adapters,
+        "--api-key",
+        KEY,
+        "--allow-adapter-loading",
+        "--served-model-name",
+        BASE,
+        "--max-body-bytes",
+        "65536",
+    )
     try:
         yield s
     finally:
@@ -216,14 +246,20 @@ def local_generate(local: Any, adapter: str | None, ids: list[int], max_new: int
     model, tok = local
     x = torch.tensor([ids])
     with torch.inference_mode(), peftkit.route(model, [adapter]):
-        out = model.generate(x, max_new_tokens=max_new, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return str(tok.decode(out[0, x.shape[1]:], skip_special_tokens=True))
+        out = model.generate(
+            x,
+            max_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    return str(tok.decode(out[0, x.shape[1] :], skip_special_tokens=True))
 
 
 def chat_ids(tok: Any, text: str) -> list[int]:
-    t = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                add_generation_prompt=True)
+    t = tok.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
     return list(tok(t, add_special_tokens=False)["input_ids"])
 
 
@@ -249,27 +285,36 @@ def test_completion_chat_and_stream_equal_local_generate(server: Server, local: 
     for adapter in (None, *ADAPTERS):
         prompt = PROMPTS[1]
         want = local_generate(local, adapter, list(tok(prompt)["input_ids"]), 12)
-        got = client.completions.create(model=name_of(adapter), prompt=prompt, max_tokens=12,
-                                        temperature=0)
+        got = client.completions.create(
+            model=name_of(adapter), prompt=prompt, max_tokens=12, temperature=0
+        )
         assert got.choices[0].text == want
         assert got.usage.prompt_tokens == len(tok(prompt)["input_ids"])
         assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
         texts.add(want)
 
-        chunks = list(client.completions.create(model=name_of(adapter), prompt=prompt,
-                                                max_tokens=12, temperature=0, stream=True))
+        chunks = list(
+            client.completions.create(
+                model=name_of(adapter), prompt=prompt, max_tokens=12, temperature=0, stream=True
+            )
+        )
         assert "".join(c.choices[0].text for c in chunks if c.choices) == want
         assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
         q = "how are you today?"
         want = local_generate(local, adapter, chat_ids(tok, q), 10)
         msgs = [{"role": "user", "content": q}]
-        got = client.chat.completions.create(model=name_of(adapter), messages=msgs,
-                                             max_tokens=10, temperature=0)
+        got = client.chat.completions.create(
+            model=name_of(adapter), messages=msgs, max_tokens=10, temperature=0
+        )
         assert got.choices[0].message.content == want
         assert got.choices[0].message.role == "assistant"
         stream = client.chat.completions.create(
-            model=name_of(adapter), messages=msgs, max_tokens=10, temperature=0, stream=True,
+            model=name_of(adapter),
+            messages=msgs,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
         chunks = list(stream)
@@ -281,8 +326,9 @@ def test_completion_chat_and_stream_equal_local_generate(server: Server, local: 
 
 def test_seeded_sampling_n_and_stop(server: Server) -> None:
     client = server.client()
-    kw: dict[str, Any] = dict(model="a2", prompt="one two", max_tokens=16, temperature=0.9,
-                              top_p=0.95, seed=7, n=3)
+    kw: dict[str, Any] = dict(
+        model="a2", prompt="one two", max_tokens=16, temperature=0.9, top_p=0.95, seed=7, n=3
+    )
     first = client.completions.create(**kw)
     again = client.completions.create(**kw)
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
@@ -292,12 +338,14 @@ def test_seeded_sampling_n_and_stop(server: Server) -> None:
     text = full.choices[0].text
     if len(text) > 4:
         stop = text[2:4]
-        cut = client.completions.create(model="a1", prompt="hello", max_tokens=30,
-                                        temperature=0, stop=[stop])
+        cut = client.completions.create(
+            model="a1", prompt="hello", max_tokens=30, temperature=0, stop=[stop]
+        )
         assert cut.choices[0].text == text[: text.index(stop)]
         assert cut.choices[0].finish_reason == "stop"
-        streamed = client.completions.create(model="a1", prompt="hello", max_tokens=30,
-                                             temperature=0, stop=[stop], stream=True)
+        streamed = client.completions.create(
+            model="a1", prompt="hello", max_tokens=30, temperature=0, stop=[stop], stream=True
+        )
         assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
 
 
@@ -305,19 +353,30 @@ def test_seeded_sampling_n_and_stop(server: Server) -> None:
 def test_64_concurrent_requests_equal_their_solo_answers(server: Server) -> None:
     client = server.client()
     jobs = [
-        (name_of([None, *ADAPTERS][i % 4]), PROMPTS[(i // 4) % len(PROMPTS)], 4 + (i * 7) % 13,
-         i % 3 == 0)
+        (
+            name_of([None, *ADAPTERS][i % 4]),
+            PROMPTS[(i // 4) % len(PROMPTS)],
+            4 + (i * 7) % 13,
+            i % 3 == 0,
+        )
         for i in range(64)
     ]
 
     def ask(job: tuple[str, str, int, bool]) -> str:
         model, prompt, n, chat = job
         if chat:
-            r = client.chat.completions.create(model=model, max_tokens=n, temperature=0,
-                                               messages=[{"role": "user", "content": prompt}])
+            r = client.chat.completions.create(
+                model=model,
+                max_tokens=n,
+                temperature=0,
+                messages=[{"role": "user", "content": prompt}],
+            )
             return str(r.choices[0].message.content)
-        return str(client.completions.create(model=model, prompt=prompt, max_tokens=n,
-                                             temperature=0).choices[0].text)
+        return str(
+            client.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0)
+            .choices[0]
+            .text
+        )
 
     solo = [ask(j) for j in jobs]  # one at a time: each request alone in the batch
     before = server.http("GET", "/health")[1]
@@ -348,8 +407,12 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server: Serv
         ("POST", {"body": {**ok, "model": "nope"}}, 404, "a1, a2, a3"),
         ("POST", {"body": {**ok, "max_tokens": 0}}, 400, "max_tokens"),
         ("POST", {"body": {**ok, "max_tokens": 10**6}}, 400, "max_tokens"),
-        ("POST", {"body": {**ok, "prompt": long_prompt, "max_tokens": 8}}, 400,
-         f"maximum context length is {CONTEXT}"),
+        (
+            "POST",
+            {"body": {**ok, "prompt": long_prompt, "max_tokens": 8}},
+            400,
+            f"maximum context length is {CONTEXT}",
+        ),
         ("POST", {"body": {**ok, "prompt": "x" * 70000}}, 413, "limit"),
         ("POST", {"body": ok, "key": None}, 401, "API key"),
         ("POST", {"body": ok, "key": "wrong"}, 401, "API key"),
@@ -357,29 +420,45 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server: Serv
     ]
     for method, spec, code, words in cases:
         status, body = server.http(
-            method, spec.get("path", "/v1/completions"), spec.get("body"),
-            raw=spec.get("raw"), key=spec.get("key", KEY),
+            method,
+            spec.get("path", "/v1/completions"),
+            spec.get("body"),
+            raw=spec.get("raw"),
+            key=spec.get("key", KEY),
         )
         assert status == code, (spec, body)
-        assert isinstance(body, dict) and set(body["error"]) == {"message", "type", "param",
-                                                                 "code"}, body
+        assert isinstance(body, dict) and set(body["error"]) == {
+            "message",
+            "type",
+            "param",
+            "code",
+        }, body
         assert words in body["error"]["message"], body
-    status, body = server.http("POST", "/v1/completions",
-                               {**ok, "prompt": long_prompt, "max_tokens": 8})
-    assert str(CONTEXT) in body["error"]["message"] and "8 for the completion" in body[
-        "error"]["message"]
+    status, body = server.http(
+        "POST", "/v1/completions", {**ok, "prompt": long_prompt, "max_tokens": 8}
+    )
+    assert (
+        str(CONTEXT) in body["error"]["message"]
+        and "8 for the completion" in body["error"]["message"]
+    )
     assert body["error"]["code"] == "context_length_exceeded"
-    bad_chat = [{"model": "a1", "messages": []},
-                {"model": "a1", "messages": [{"role": "wizard", "content": "x"}]},
-                {"model": "a1", "messages": [{"role": "user", "content": 3}]}]
+    bad_chat = [
+        {"model": "a1", "messages": []},
+        {"model": "a1", "messages": [{"role": "wizard", "content": "x"}]},
+        {"model": "a1", "messages": [{"role": "user", "content": 3}]},
+    ]
     for b in bad_chat:
         assert server.http("POST", "/v1/chat/completions", b)[0] == 400
     # a chunked body (no Content-Length) over the limit is cut off while it is read
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     try:
         parts = iter([b'{"model": "a1", "prompt": "'] + [b"x" * 8192] * 10 + [b'"}'])
-        conn.request("POST", "/v1/completions", body=parts,  # an iterable: sent chunked
-                     headers={"Authorization": f"Bearer {KEY}"})
+        conn.request(
+            "POST",
+            "/v1/completions",
+            body=parts,  # an iterable: sent chunked
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
         assert conn.getresponse().status == 413
     finally:
         conn.close()
@@ -393,16 +472,19 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server: Serv
 def test_runtime_load_then_unload(server: Server, folder: Path) -> None:
     client = server.client()
     want = client.completions.create(model="a3", prompt="hello", max_tokens=8, temperature=0)
-    status, text = server.http("POST", "/v1/load_lora_adapter",
-                               {"lora_name": "again", "lora_path": str(folder / "a3")})
+    status, text = server.http(
+        "POST", "/v1/load_lora_adapter", {"lora_name": "again", "lora_path": str(folder / "a3")}
+    )
     assert status == 200 and "added successfully" in text
     assert "again" in [m.id for m in client.models.list().data]
     got = client.completions.create(model="again", prompt="hello", max_tokens=8, temperature=0)
     assert got.choices[0].text == want.choices[0].text
     # a failed load (not an adapter folder; a name in use) changes nothing
-    for body in ({"lora_name": "broken", "lora_path": str(folder / BASE)},
-                 {"lora_name": "a1", "lora_path": str(folder / "a2")},
-                 {"lora_name": "x"}):
+    for body in (
+        {"lora_name": "broken", "lora_path": str(folder / BASE)},
+        {"lora_name": "a1", "lora_path": str(folder / "a2")},
+        {"lora_name": "x"},
+    ):
         status, err = server.http("POST", "/v1/load_lora_adapter", body)
         assert status == 400, err
     assert [m.id for m in client.models.list().data] == [BASE, *ADAPTERS, "again"]
@@ -419,10 +501,18 @@ def test_runtime_load_then_unload(server: Server, folder: Path) -> None:
 
 def test_a_client_leaving_mid_stream_frees_its_row(server: Server) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    body = {"model": "a1", "prompt": "hello", "max_tokens": CONTEXT - 4, "temperature": 0.8,
-            "n": 8, "stream": True, "seed": 1}
-    conn.request("POST", "/v1/completions", body=json.dumps(body),
-                 headers={"Authorization": f"Bearer {KEY}"})
+    body = {
+        "model": "a1",
+        "prompt": "hello",
+        "max_tokens": CONTEXT - 4,
+        "temperature": 0.8,
+        "n": 8,
+        "stream": True,
+        "seed": 1,
+    }
+    conn.request(
+        "POST", "/v1/completions", body=json.dumps(body), headers={"Authorization": f"Bearer {KEY}"}
+    )
     resp = conn.getresponse()
     assert resp.status == 200
     assert resp.readline().startswith(b"data: ")
@@ -440,14 +530,32 @@ def test_a_client_leaving_mid_stream_frees_its_row(server: Server) -> None:
 def test_generate_command_equals_the_server(server: Server, folder: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "peftkit", "generate", "--model", str(folder / BASE), "--adapter",
-         str(folder / "a2"), "--prompt", "hello world", "--raw", "--max-tokens", "12",
-         "--threads", "1"],
-        capture_output=True, text=True, timeout=120, env=env,
+        [
+            sys.executable,
+            "-m",
+            "peftkit",
+            "generate",
+            "--model",
+            str(folder / BASE),
+            "--adapter",
+            str(folder / "a2"),
+            "--prompt",
+            "hello world",
+            "--raw",
+            "--max-tokens",
+            "12",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
     assert out.returncode == 0, out.stderr
-    want = server.client().completions.create(model="a2", prompt="hello world", max_tokens=12,
-                                              temperature=0)
+    want = server.client().completions.create(
+        model="a2", prompt="hello world", max_tokens=12, temperature=0
+    )
     assert out.stdout.rstrip("\n") == want.choices[0].text
 
 
@@ -456,17 +564,29 @@ def test_sigterm_drains_requests_in_flight(folder: Path) -> None:
     # max batch 1: the requests run one after another, so most are still queued at SIGTERM
     s = Server(folder, f"--adapter=a1={folder / 'a1'}", "--max-batch", "1")
     try:
-        assert s.http("POST", "/v1/load_lora_adapter",
-                      {"lora_name": "x", "lora_path": str(folder / "a2")}, key=None)[0] == 404
+        assert (
+            s.http(
+                "POST",
+                "/v1/load_lora_adapter",
+                {"lora_name": "x", "lora_path": str(folder / "a2")},
+                key=None,
+            )[0]
+            == 404
+        )
         client = s.client("unused")
         results: list[tuple[str, str | None]] = []
         first = threading.Event()
 
         def ask(i: int) -> None:
             text, reason = "", None
-            for c in client.completions.create(model="a1" if i % 2 else BASE,
-                                               prompt=PROMPTS[i], max_tokens=40,
-                                               temperature=0.5, seed=i, stream=True):
+            for c in client.completions.create(
+                model="a1" if i % 2 else BASE,
+                prompt=PROMPTS[i],
+                max_tokens=40,
+                temperature=0.5,
+                seed=i,
+                stream=True,
+            ):
                 first.set()
                 text += c.choices[0].text
                 reason = c.choices[0].finish_reason or reason
@@ -477,8 +597,10 @@ def test_sigterm_drains_requests_in_flight(folder: Path) -> None:
             t.start()
         assert first.wait(60)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and sum(s.http("GET", "/health")[1][k]
-                                                  for k in ("running", "waiting")) < 4:
+        while (
+            time.monotonic() < deadline
+            and sum(s.http("GET", "/health")[1][k] for k in ("running", "waiting")) < 4
+        ):
             time.sleep(0.01)  # until every request has reached the server
         s.proc.send_signal(signal.SIGTERM)
         for t in threads:

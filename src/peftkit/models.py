@@ -63,7 +63,9 @@ def fetch_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        src.parent, gguf_file=src.name, dtype=torch.float32
+    )
     # Note: transformers refuses to save a GGUF-loaded model while it carries the quantizer marker.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

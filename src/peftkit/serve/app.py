@@ -27,8 +27,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-import peftkit
-
 from .engine import CANCELLED, Engine, Event, Sampling
 
 #: Request bodies larger than this get 413 (``--max-body-bytes``).
@@ -115,11 +113,16 @@ class ServerState:
     def adapter_for(self, name: Any) -> str | None:
         """The adapter a request's ``model`` names (None = the base), or a 404 listing them."""
         if name is None:
-            raise ApiError(400, "the request has no `model`; give the base model's name or an "
-                           f"adapter's: {', '.join(self.names())}", param="model")
+            raise ApiError(
+                400,
+                "the request has no `model`; give the base model's name or an "
+                f"adapter's: {', '.join(self.names())}",
+                param="model",
+            )
         if not isinstance(name, str):
-            raise ApiError(400, f"`model` must be a string, got {type(name).__name__}",
-                           param="model")
+            raise ApiError(
+                400, f"`model` must be a string, got {type(name).__name__}", param="model"
+            )
         if name == self.base_name:
             return None
         if name in self.engine.adapters():
@@ -138,8 +141,11 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError(413, f"the request body is over the server's limit of {limit} bytes",
-                           code="request_too_large")
+            raise ApiError(
+                413,
+                f"the request body is over the server's limit of {limit} bytes",
+                code="request_too_large",
+            )
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -184,25 +190,24 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
         return ()
     if isinstance(v, str):
         v = [v]
-    if (
-        not isinstance(v, list)
-        or len(v) > 4
-        or not all(isinstance(s, str) and s for s in v)
-    ):
-        raise ApiError(400, "`stop` must be a non-empty string or a list of up to 4 of them, got "
-                       f"{json.dumps(v)}", param="stop")
+    if not isinstance(v, list) or len(v) > 4 or not all(isinstance(s, str) and s for s in v):
+        raise ApiError(
+            400,
+            f"`stop` must be a non-empty string or a list of up to 4 of them, got {json.dumps(v)}",
+            param="stop",
+        )
     return tuple(v)
 
 
 def _check_unsupported(body: dict[str, Any]) -> None:
     for key, fine in UNSUPPORTED.items():
         if key in body and body[key] not in fine:
-            raise ApiError(400, f"`{key}` is not supported by this server; leave it out",
-                           param=key)
+            raise ApiError(400, f"`{key}` is not supported by this server; leave it out", param=key)
 
 
-def sampling(body: dict[str, Any], state: ServerState, prompt_tokens: int, *, chat: bool
-             ) -> Sampling:
+def sampling(
+    body: dict[str, Any], state: ServerState, prompt_tokens: int, *, chat: bool
+) -> Sampling:
     """The request's :class:`Sampling`, with OpenAI's defaults and ranges, and the context
     check (``prompt_tokens`` + ``max_tokens`` must fit)."""
     _check_unsupported(body)
@@ -213,10 +218,15 @@ def sampling(body: dict[str, Any], state: ServerState, prompt_tokens: int, *, ch
         key = "max_completion_tokens"
         max_tokens = _int(body, key, None)
     if max_tokens is not None and not 1 <= max_tokens <= ctx:
-        raise ApiError(400, f"`{key}` must be between 1 and the context length {ctx}, got "
-                       f"{max_tokens}", param=key)
-    asked = max_tokens if max_tokens is not None else (
-        max(1, ctx - prompt_tokens) if chat else COMPLETION_MAX_TOKENS
+        raise ApiError(
+            400,
+            f"`{key}` must be between 1 and the context length {ctx}, got {max_tokens}",
+            param=key,
+        )
+    asked = (
+        max_tokens
+        if max_tokens is not None
+        else (max(1, ctx - prompt_tokens) if chat else COMPLETION_MAX_TOKENS)
     )
     if prompt_tokens + asked > ctx:
         raise ApiError(
@@ -230,8 +240,11 @@ def sampling(body: dict[str, Any], state: ServerState, prompt_tokens: int, *, ch
     n = _int(body, "n", 1)
     assert n is not None
     if not 1 <= n <= state.engine.max_batch:
-        raise ApiError(400, f"`n` must be between 1 and the server's --max-batch "
-                       f"{state.engine.max_batch}, got {n}", param="n")
+        raise ApiError(
+            400,
+            f"`n` must be between 1 and the server's --max-batch {state.engine.max_batch}, got {n}",
+            param="n",
+        )
     seed = _int(body, "seed", None)
     return Sampling(
         max_tokens=asked,
@@ -247,15 +260,18 @@ def completion_prompt(body: dict[str, Any], tokenizer: Any) -> list[int]:
     p = body.get("prompt")
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
         p = p[0]
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool)
-                                         for t in p):
+    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         if not all(0 <= t < len(tokenizer) for t in p):
-            raise ApiError(400, f"`prompt` has a token id outside 0..{len(tokenizer) - 1}",
-                           param="prompt")
+            raise ApiError(
+                400, f"`prompt` has a token id outside 0..{len(tokenizer) - 1}", param="prompt"
+            )
         return list(p)
     if not isinstance(p, str):
-        raise ApiError(400, "`prompt` must be a string (or one list of token ids), got "
-                       f"{json.dumps(p)[:80]}", param="prompt")
+        raise ApiError(
+            400,
+            f"`prompt` must be a string (or one list of token ids), got {json.dumps(p)[:80]}",
+            param="prompt",
+        )
     ids = list(tokenizer(p)["input_ids"])
     if not ids:
         raise ApiError(400, "`prompt` is empty", param="prompt")
@@ -265,24 +281,34 @@ def completion_prompt(body: dict[str, Any], tokenizer: Any) -> list[int]:
 def chat_prompt(body: dict[str, Any], tokenizer: Any) -> list[int]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
-        raise ApiError(400, "`messages` must be a non-empty list of {role, content} objects",
-                       param="messages")
+        raise ApiError(
+            400, "`messages` must be a non-empty list of {role, content} objects", param="messages"
+        )
     clean = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ApiError(400, f"messages[{i}] must be an object with `role` one of "
-                           f"{', '.join(ROLES)}", param=f"messages[{i}]")
+            raise ApiError(
+                400,
+                f"messages[{i}] must be an object with `role` one of {', '.join(ROLES)}",
+                param=f"messages[{i}]",
+            )
         c = m.get("content")
         if isinstance(c, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text"
-                       and isinstance(p.get("text"), str) for p in c):
-                raise ApiError(400, f"messages[{i}].content parts must be "
-                               '{"type": "text", "text": ...}; this server reads text only',
-                               param=f"messages[{i}].content")
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in c
+            ):
+                raise ApiError(
+                    400,
+                    f"messages[{i}].content parts must be "
+                    '{"type": "text", "text": ...}; this server reads text only',
+                    param=f"messages[{i}].content",
+                )
             c = "".join(p["text"] for p in c)
         if not isinstance(c, str):
-            raise ApiError(400, f"messages[{i}].content must be a string",
-                           param=f"messages[{i}].content")
+            raise ApiError(
+                400, f"messages[{i}].content must be a string", param=f"messages[{i}].content"
+            )
         clean.append({"role": m["role"], "content": c})
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template; use /v1/completions")
@@ -294,8 +320,9 @@ def chat_prompt(body: dict[str, Any], tokenizer: Any) -> list[int]:
 class Run:
     """One submitted request seen from the event loop: the engine's events on an asyncio queue."""
 
-    def __init__(self, state: ServerState, prompt: list[int], adapter: str | None,
-                 sp: Sampling) -> None:
+    def __init__(
+        self, state: ServerState, prompt: list[int], adapter: str | None, sp: Sampling
+    ) -> None:
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.sp = sp
@@ -335,8 +362,11 @@ class Run:
 
     def usage(self) -> dict[str, int]:
         c = self.req.completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": c,
-                "total_tokens": self.prompt_tokens + c}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": c,
+            "total_tokens": self.prompt_tokens + c,
+        }
 
     def cancel(self) -> None:
         self.engine.cancel(self.req)
@@ -345,9 +375,11 @@ class Run:
         now = time.monotonic()
         ttft = f"{self.first - self.started:.2f}s" if self.first is not None else "-"
         client = request.client.host if request.client else "-"
-        log(f"{client} {request.method} {request.url.path} {status} model={model} "
+        log(
+            f"{client} {request.method} {request.url.path} {status} model={model} "
             f"prompt={self.prompt_tokens} completion={self.req.completion_tokens} "
-            f"ttft={ttft} total={now - self.started:.2f}s{note}")
+            f"ttft={ttft} total={now - self.started:.2f}s{note}"
+        )
 
 
 def _ids(chat: bool) -> tuple[str, str, str]:
@@ -395,20 +427,41 @@ async def answer(request: Request, state: ServerState, *, chat: bool) -> Respons
     choices: list[dict[str, Any]] = []
     for i, (text, reason) in enumerate(zip(run.texts, run.reasons, strict=True)):
         if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": text},
-                            "logprobs": None, "finish_reason": reason})
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": reason,
+                }
+            )
         else:
             choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": reason})
     run.log(request, 200, name)
-    return JSONResponse({"id": cid, "object": obj, "created": created, "model": name,
-                         "choices": choices, "usage": run.usage()})
+    return JSONResponse(
+        {
+            "id": cid,
+            "object": obj,
+            "created": created,
+            "model": name,
+            "choices": choices,
+            "usage": run.usage(),
+        }
+    )
 
 
-async def _stream(request: Request, run: Run, model: str, cid: str, obj: str, created: int,
-                  chat: bool, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(
+    request: Request,
+    run: Run,
+    model: str,
+    cid: str,
+    obj: str,
+    created: int,
+    chat: bool,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     def chunk(choices: list[dict[str, Any]], usage: Any = None) -> str:
-        data = {"id": cid, "object": obj, "created": created, "model": model,
-                "choices": choices}
+        data = {"id": cid, "object": obj, "created": created, "model": model, "choices": choices}
         if include_usage:
             data["usage"] = usage
         return f"data: {json.dumps(data)}\n\n"
@@ -416,8 +469,17 @@ async def _stream(request: Request, run: Run, model: str, cid: str, obj: str, cr
     note = ""
     try:
         if chat:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                          "logprobs": None, "finish_reason": None} for i in range(run.sp.n)])
+            yield chunk(
+                [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    for i in range(run.sp.n)
+                ]
+            )
         while not run.done:
             ev = await run.next()
             if ev.kind == "error":
@@ -431,14 +493,22 @@ async def _stream(request: Request, run: Run, model: str, cid: str, obj: str, cr
                 continue
             if chat:
                 delta = {"content": ev.text} if ev.text else {}
-                c = {"index": ev.index, "delta": delta, "logprobs": None,
-                     "finish_reason": ev.finish_reason}
+                c = {
+                    "index": ev.index,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": ev.finish_reason,
+                }
                 if ev.kind == "done" and ev.text:
                     yield chunk([{**c, "finish_reason": None}])
                     c = {**c, "delta": {}}
             else:
-                c = {"index": ev.index, "text": ev.text, "logprobs": None,
-                     "finish_reason": ev.finish_reason}
+                c = {
+                    "index": ev.index,
+                    "text": ev.text,
+                    "logprobs": None,
+                    "finish_reason": ev.finish_reason,
+                }
             yield chunk([c])
         if include_usage and run.error is None:
             yield chunk([], run.usage())
@@ -455,14 +525,17 @@ async def _stream(request: Request, run: Run, model: str, cid: str, obj: str, cr
 def build_app(state: ServerState) -> Starlette:
     """The Starlette app for ``state``; wrap it with :class:`Guard` for keys and body size."""
 
-    def endpoint(fn: Callable[[Request], Awaitable[Response]]
-                 ) -> Callable[[Request], Awaitable[Response]]:
+    def endpoint(
+        fn: Callable[[Request], Awaitable[Response]],
+    ) -> Callable[[Request], Awaitable[Response]]:
         async def wrapped(request: Request) -> Response:
             try:
                 return await fn(request)
             except ApiError as e:
-                log(f"{request.client.host if request.client else '-'} {request.method} "
-                    f"{request.url.path} {e.status} {e.message}")
+                log(
+                    f"{request.client.host if request.client else '-'} {request.method} "
+                    f"{request.url.path} {e.status} {e.message}"
+                )
                 return error_response(e)
 
         return wrapped
@@ -471,18 +544,38 @@ def build_app(state: ServerState) -> Starlette:
         rows, waiting = state.engine.load()
         ok = state.engine.alive()
         st = state.engine.stats
-        return JSONResponse({"status": "ok" if ok else "error", "running": rows,
-                             "waiting": waiting, "requests": st.requests, "tokens": st.tokens,
-                             "steps": st.steps}, status_code=200 if ok else 503)
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "error",
+                "running": rows,
+                "waiting": waiting,
+                "requests": st.requests,
+                "tokens": st.tokens,
+                "steps": st.steps,
+            },
+            status_code=200 if ok else 503,
+        )
 
     async def models(request: Request) -> Response:
-        base = {"id": state.base_name, "object": "model", "created": state.created,
-                "owned_by": "peftkit", "root": state.model_path, "parent": None,
-                "max_model_len": state.context}
+        base = {
+            "id": state.base_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "peftkit",
+            "root": state.model_path,
+            "parent": None,
+            "max_model_len": state.context,
+        }
         data = [base] + [
-            {"id": n, "object": "model", "created": state.created, "owned_by": "peftkit",
-             "root": state.adapter_paths.get(n), "parent": state.base_name,
-             "max_model_len": state.context}
+            {
+                "id": n,
+                "object": "model",
+                "created": state.created,
+                "owned_by": "peftkit",
+                "root": state.adapter_paths.get(n),
+                "parent": state.base_name,
+                "max_model_len": state.context,
+            }
             for n in state.engine.adapters()
         ]
         return JSONResponse({"object": "list", "data": data})
@@ -495,8 +588,12 @@ def build_app(state: ServerState) -> Starlette:
 
     def require_loading() -> None:
         if not state.allow_loading:
-            raise ApiError(404, "loading adapters at run time is off; start the server with "
-                           "--allow-adapter-loading", code="not_found")
+            raise ApiError(
+                404,
+                "loading adapters at run time is off; start the server with "
+                "--allow-adapter-loading",
+                code="not_found",
+            )
 
     async def load_lora(request: Request) -> Response:
         require_loading()
@@ -505,18 +602,25 @@ def build_app(state: ServerState) -> Starlette:
         if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
             raise ApiError(400, "give `lora_name` and `lora_path` (strings)")
         if name in state.names():
-            raise ApiError(400, f"the name {name!r} is already served; unload it first or pick "
-                           "another", param="lora_name")
+            raise ApiError(
+                400,
+                f"the name {name!r} is already served; unload it first or pick another",
+                param="lora_name",
+            )
         fut = state.engine.load_adapter(name, path)
         try:
             await asyncio.wrap_future(fut)
         except (OSError, ValueError, TypeError, KeyError) as e:
-            raise ApiError(400, f"could not load adapter {name!r} from {path}: "
-                           f"{' '.join(str(e).split())}", param="lora_path") from None
+            raise ApiError(
+                400,
+                f"could not load adapter {name!r} from {path}: {' '.join(str(e).split())}",
+                param="lora_path",
+            ) from None
         state.adapter_paths[name] = str(Path(path).resolve())
         log(f"loaded adapter {name!r} from {path}")
-        return Response(f"Success: LoRA adapter '{name}' added successfully.",
-                        media_type="text/plain")
+        return Response(
+            f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain"
+        )
 
     async def unload_lora(request: Request) -> Response:
         require_loading()
@@ -525,20 +629,30 @@ def build_app(state: ServerState) -> Starlette:
         if not isinstance(name, str) or not name:
             raise ApiError(400, "give `lora_name` (a string)", param="lora_name")
         if name not in state.engine.adapters():
-            raise ApiError(404, f"no adapter named {name!r}; this server has: "
-                           f"{', '.join(state.engine.adapters()) or 'none'}",
-                           param="lora_name", code="model_not_found")
+            raise ApiError(
+                404,
+                f"no adapter named {name!r}; this server has: "
+                f"{', '.join(state.engine.adapters()) or 'none'}",
+                param="lora_name",
+                code="model_not_found",
+            )
         await asyncio.wrap_future(state.engine.unload_adapter(name))
         state.adapter_paths.pop(name, None)
         log(f"unloaded adapter {name!r}")
-        return Response(f"Success: LoRA adapter '{name}' removed successfully.",
-                        media_type="text/plain")
+        return Response(
+            f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain"
+        )
 
     async def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         msg = "no such endpoint" if status == 404 else f"{request.method} is not allowed here"
-        return error_response(ApiError(status, f"{msg}: {request.method} {request.url.path}",
-                                        code="not_found" if status == 404 else None))
+        return error_response(
+            ApiError(
+                status,
+                f"{msg}: {request.method} {request.url.path}",
+                code="not_found" if status == 404 else None,
+            )
+        )
 
     routes = [
         Route("/health", endpoint(health), methods=["GET"]),
@@ -572,23 +686,43 @@ class Guard:
                 token.strip().encode(), self.api_key.encode()
             ):
                 what = "no API key was given" if not given else "the API key is wrong"
-                await _send(send, ApiError(
-                    401, f"{what}: send the header `Authorization: Bearer <key>` with the "
-                    "server's --api-key", type_="invalid_request_error", code="invalid_api_key"))
+                await _send(
+                    send,
+                    ApiError(
+                        401,
+                        f"{what}: send the header `Authorization: Bearer <key>` with the "
+                        "server's --api-key",
+                        type_="invalid_request_error",
+                        code="invalid_api_key",
+                    ),
+                )
                 return
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await _send(send, ApiError(
-                413, f"the request body ({length} bytes) is over the server's limit of "
-                f"{self.max_body} bytes", code="request_too_large"))
+            await _send(
+                send,
+                ApiError(
+                    413,
+                    f"the request body ({length} bytes) is over the server's limit of "
+                    f"{self.max_body} bytes",
+                    code="request_too_large",
+                ),
+            )
             return
         await self.app(scope, receive, send)
 
 
 async def _send(send: Any, e: ApiError) -> None:
     body = json.dumps(e.body()).encode()
-    await send({"type": "http.response.start", "status": e.status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": e.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
     log(f"- {e.status} {e.message}")

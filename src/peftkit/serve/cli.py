@@ -49,8 +49,11 @@ def _model_dir(arg: str | None) -> tuple[Path, str]:
         return folder, folder.resolve().name
     folder = smollm2_path()
     if not is_converted(folder):
-        print(f"converting {SMOLLM2_NAME} from its GGUF into {folder} (once) ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"converting {SMOLLM2_NAME} from its GGUF into {folder} (once) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         folder = fetch_smollm2()
     return folder, SMOLLM2_NAME
 
@@ -71,8 +74,11 @@ def _adapter_arg(text: str) -> tuple[str, str]:
 def cmd_fetch_model(args: argparse.Namespace) -> int:
     folder = smollm2_path(args.cache_dir)
     if not is_converted(folder):
-        print(f"converting {SMOLLM2_NAME} from its GGUF into {folder} (once, about 15 s) ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"converting {SMOLLM2_NAME} from its GGUF into {folder} (once, about 15 s) ...",
+            file=sys.stderr,
+            flush=True,
+        )
         _quiet()
     print(fetch_smollm2(args.cache_dir))
     return 0
@@ -135,8 +141,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
     ctx = context_length(model, tok)
     if len(ids) + args.max_tokens > ctx:
-        raise ValueError(f"the prompt has {len(ids)} tokens; with --max-tokens {args.max_tokens} "
-                         f"that is over the model's context of {ctx}")
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens; with --max-tokens {args.max_tokens} "
+            f"that is over the model's context of {ctx}"
+        )
     engine = Engine(model, tok, max_batch=1)
     ended: list[Event] = []
 

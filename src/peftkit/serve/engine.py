@@ -391,8 +391,9 @@ class Engine:
         req.first_token = time.monotonic()
         self.stats.requests += 1
         for c in req.choices:
-            self._advance(c, sample(logits.cpu(), req.sampling.temperature, req.sampling.top_p,
-                                    c.generator))
+            self._advance(
+                c, sample(logits.cpu(), req.sampling.temperature, req.sampling.top_p, c.generator)
+            )
         live = [c for c in req.choices if c.finished is None]
         if not live:
             self._finish_request(req)
@@ -432,7 +433,10 @@ class Engine:
         mask = F.pad(self.mask, (0, 1), value=1)  # (B, L + 1)
         with self._route([c.request.adapter for c in rows]):
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, cache=self.cache,
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                cache=self.cache,
                 use_cache=True,
             )
         self.mask = mask
@@ -442,8 +446,10 @@ class Engine:
         for i, c in enumerate(rows):
             c.cached += 1
             sp = c.request.sampling
-            tok = greedy[i] if sp.temperature == 0 else sample(
-                logits[i], sp.temperature, sp.top_p, c.generator
+            tok = (
+                greedy[i]
+                if sp.temperature == 0
+                else sample(logits[i], sp.temperature, sp.top_p, c.generator)
             )
             self._advance(c, tok)
 

@@ -102,8 +102,10 @@ def run_server(
         if server.should_exit:
             server.force_exit = True
         server.should_exit = True
-        log(f"{signal.Signals(sig).name}: not accepting new requests; finishing "
-            f"{sum(engine.load())} in flight")
+        log(
+            f"{signal.Signals(sig).name}: not accepting new requests; finishing "
+            f"{sum(engine.load())} in flight"
+        )
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     failed: list[BaseException] = []
@@ -127,16 +129,20 @@ def run_server(
                 sock = server.servers[0].sockets[0].getsockname() if server.servers else None
                 bound = sock[1] if sock else port
                 names = ", ".join([base_name, *engine.adapters()])
-                log(f"peftkit serve: listening on http://{host}:{bound} (models: {names}; "
-                    f"max batch {max_batch}{'; API key required' if api_key else ''})")
+                log(
+                    f"peftkit serve: listening on http://{host}:{bound} (models: {names}; "
+                    f"max batch {max_batch}{'; API key required' if api_key else ''})"
+                )
             if time.monotonic() - last >= PROGRESS_EVERY_S:
                 rows, waiting = engine.load()
                 st = engine.stats
                 done = (st.requests, st.tokens)
                 if rows or waiting or done != seen:
                     dt = time.monotonic() - last
-                    log(f"progress: {rows} rows running, {waiting} waiting, "
-                        f"{(done[1] - seen[1]) / dt:.1f} tokens/s, {done[0]} requests so far")
+                    log(
+                        f"progress: {rows} rows running, {waiting} waiting, "
+                        f"{(done[1] - seen[1]) / dt:.1f} tokens/s, {done[0]} requests so far"
+                    )
                 seen, last = done, time.monotonic()
     finally:
         for s, h in old.items():
