@@ -43,7 +43,7 @@ from .core import (
     Adapter,
     ModelState,
     ModulesToSave,
-    adapters,
+    adapted_layers,
     get_state,
     unwrap,
 )
@@ -451,13 +451,19 @@ def route(model: nn.Module, adapters_: Any, *, packed: bool = False) -> Iterator
             raise ValueError(f"packed=True takes (N,) per-token ids, got {tuple(ids.shape)}")
         kind = PACKED
     used = {state.names()[i] for i in ids.unique().tolist() if i >= 0}
+    # Note: one walk over the adapted layers (not one per adapter name): a server opens a route
+    # for every prefill and whenever its running rows change.
+    merged = next(
+        ((p, n) for p, layer in adapted_layers(root) for n, a in layer.adapters.items()
+         if a.merged),  # type: ignore[union-attr]
+        None,
+    )
+    if merged is not None:
+        raise ValueError(
+            f"adapter {merged[1]!r} is merged into the base weights (e.g. {merged[0]}), which "
+            "every row shares; call peftkit.unmerge(model) before routing a mixed batch"
+        )
     for name in state.names():
-        merged = [p for p, a in adapters(root, name) if a.merged]
-        if merged:
-            raise ValueError(
-                f"adapter {name!r} is merged into the base weights (e.g. {merged[0]}), which every "
-                "row shares; call peftkit.unmerge(model) before routing a mixed batch"
-            )
         method = type(state.adapters[name].config).__name__
         if getattr(state.adapters[name].config, "method", "") == "delta_lora":
             raise ValueError(

@@ -253,6 +253,7 @@ def sampling(
         n=n,
         stop=_stop(body),
         seed=seed,
+        ignore_eos=_bool(body, "ignore_eos"),
     )
 
 

@@ -69,6 +69,7 @@ class Sampling:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever comes
 
 
 @dataclass
@@ -192,6 +193,15 @@ class Engine:
         self.stats = Stats()
         # adapters being unloaded: no new request may name them
         self.leaving: set[str] = set()
+        self.route_stack: contextlib.ExitStack | None = None
+        self.route_key: tuple[str | None, ...] | None = None
+        self._base_outside_routes()
+
+    def _base_outside_routes(self) -> None:
+        # Note: no adapter active, so a forward without a route is the base model: a batch of
+        # base rows only then runs with no routing work at all.
+        if peftkit.adapter_names(self.model):
+            peftkit.set_adapter(self.model, [])
 
     # -- the caller's side (any thread) ---------------------------------------------------------
     def adapters(self) -> list[str]:
@@ -234,6 +244,7 @@ class Engine:
         def load() -> None:
             peftkit.load_adapter(self.model, path, name=name, trainable=False)
             self.model.eval()
+            self._base_outside_routes()
 
         return self.call(load)
 
@@ -290,6 +301,7 @@ class Engine:
                 worked = self.step()
                 if not worked:
                     if self.stopping and self.inbox.empty() and self.control.empty():
+                        self._close_route()
                         return
                     self.wake.wait(0.05)
                     self.wake.clear()
@@ -310,6 +322,7 @@ class Engine:
             try:
                 self._decode()
             except Exception as e:
+                self._close_route()
                 self._fail({id(c.request): c.request for c in self.rows}.values(), e)
                 self.rows, self.cache, self.mask = [], None, None
             self._drop_finished()
@@ -330,6 +343,8 @@ class Engine:
                 pending.append(self.control.get_nowait())
             except queue.Empty:
                 break
+        if pending:
+            self._close_route()  # adapters may change: ids are positions in adapter_names
         for fn, fut in pending:
             if fut.done():
                 continue
@@ -343,11 +358,30 @@ class Engine:
         return bool(pending)
 
     def _route(self, adapters: Sequence[str | None]) -> Any:
-        names = peftkit.adapter_names(self.model)
-        if not names:
+        """A route with one adapter per row (a no-op context for base rows only)."""
+        if all(a is None for a in adapters):
+            # the base alone: no adapter is active outside a route (see _base_outside_routes)
             return contextlib.nullcontext()
+        names = peftkit.adapter_names(self.model)
         ids = torch.tensor([names.index(a) if a is not None else -1 for a in adapters])
         return peftkit.route(self.model, ids)
+
+    def _decode_route(self) -> None:
+        """Keep the decoding steps' route open while the running rows stay the same: a route
+        caches its per-layer plans (positions, masks, stacked factors), so steps after the
+        first reuse them."""
+        key = tuple(c.request.adapter for c in self.rows)
+        if key == self.route_key and self.route_stack is not None:
+            return
+        self._close_route()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._route(key))
+        self.route_stack, self.route_key = stack, key
+
+    def _close_route(self) -> None:
+        if self.route_stack is not None:
+            self.route_stack.close()
+        self.route_stack, self.route_key = None, None
 
     def _admit(self) -> bool:
         budget = PREFILL_TOKENS_PER_STEP
@@ -375,6 +409,7 @@ class Engine:
     def _prefill(self, req: Request) -> None:
         from transformers import DynamicCache
 
+        self._close_route()  # routes do not nest: the decoding steps' route is reopened after
         n = req.sampling.n
         ids = torch.tensor([req.prompt], device=self.device)  # (1, P)
         cache = DynamicCache(config=self.model.config)
@@ -431,14 +466,10 @@ class Engine:
         ids = torch.tensor([[c.tokens[-1]] for c in rows], device=self.device)  # (B, 1)
         pos = torch.tensor([[c.cached] for c in rows], device=self.device)  # (B, 1)
         mask = F.pad(self.mask, (0, 1), value=1)  # (B, L + 1)
-        with self._route([c.request.adapter for c in rows]):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                cache=self.cache,
-                use_cache=True,
-            )
+        self._decode_route()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, cache=self.cache, use_cache=True
+        )
         self.mask = mask
         logits = out.logits[:, -1].float().cpu()  # (B, V)
         greedy = torch.argmax(logits, dim=-1).tolist()  # (B,)
@@ -463,7 +494,7 @@ class Engine:
         sp = req.sampling
         self.stats.tokens += 1
         req.completion_tokens += 1
-        if token in self.eos:
+        if token in self.eos and not sp.ignore_eos:
             c.finished = STOP
             self._send(c, self._text(c), final=True)
             return
@@ -516,6 +547,7 @@ class Engine:
                 self._finish_request(req)
         if not keep:
             self.cache, self.mask = None, None
+            self._close_route()
             return
         assert self.mask is not None
         idx = torch.tensor(keep, device=self.device)
