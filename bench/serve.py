@@ -54,7 +54,8 @@ def make_adapters(model_dir: Path, n: int, rank: int) -> list[Path]:
 
     for i, p in enumerate(paths):
         model = AutoModelForCausalLM.from_pretrained(model_dir)
-        peftkit.adapt(model, peftkit.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
+        cfg = peftkit.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
+        peftkit.adapt(model, cfg)
         g = torch.Generator().manual_seed(100 + i)
         with torch.no_grad():
             for param in model.parameters():
@@ -73,7 +74,7 @@ class Server:
             [sys.executable, "-m", "peftkit", "serve", "--model", str(model_dir), "--port", "0",
              "--threads", str(threads), "--max-batch", str(max_batch),
              "--served-model-name", "base", *args],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), env=env,  # noqa: SIM115
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), env=env,
         )  # fmt: skip
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -95,15 +96,26 @@ class Server:
 
     def request(self, model: str, prompt: list[int], new: int) -> tuple[float, float, int]:
         """One streamed completion: (seconds to the first chunk, total seconds, tokens)."""
-        body = {"model": model, "prompt": prompt, "max_tokens": new, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": new,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
         t0 = time.perf_counter()
         first = math.nan
         tokens = 0
         try:
-            conn.request("POST", "/v1/completions", body=json.dumps(body),
-                         headers={"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                "/v1/completions",
+                body=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+            )
             resp = conn.getresponse()
             if resp.status != 200:
                 raise RuntimeError(f"{resp.status}: {resp.read()[:300]!r}")
@@ -129,16 +141,23 @@ def pct(values: list[float], q: float) -> float:
     return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
-def run(server: Server, jobs: list[tuple[str, list[int]]], new: int, concurrency: int
-        ) -> dict[str, Any]:
+def run(
+    server: Server, jobs: list[tuple[str, list[int]]], new: int, concurrency: int
+) -> dict[str, Any]:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         res = list(pool.map(lambda j: server.request(j[0], j[1], new), jobs))
     wall = time.perf_counter() - t0
     tokens = sum(r[2] for r in res)
     ttft = [r[0] for r in res]
-    return {"requests": len(jobs), "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
-            "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": pct(ttft, 99)}
+    return {
+        "requests": len(jobs),
+        "wall_s": wall,
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_s": statistics.median(ttft),
+        "ttft_p99_s": pct(ttft, 99),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,9 +169,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--sequential-requests", type=int, default=16,
-                    help="requests in the one-at-a-time loop (a rate: fewer saves time) (16)")
-    ap.add_argument("--threads", type=int, default=2, help="the server's torch threads (2)")
+    ap.add_argument(
+        "--sequential-requests",
+        type=int,
+        default=16,
+        help="requests in the one-at-a-time loop (a rate: fewer saves time) (16)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="the server's torch threads (1: on a loaded 2-core machine, 2 threads were 4x slower)",
+    )
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
@@ -162,13 +190,18 @@ def main(argv: list[str] | None = None) -> None:
     cfg = json.loads((model_dir / "config.json").read_text())
     g = torch.Generator().manual_seed(0)
     vocab = int(cfg["vocab_size"])
-    prompts = [torch.randint(vocab // 8, vocab - 1, (args.prompt_tokens,), generator=g).tolist()
-               for _ in range(args.requests)]
+    prompts = [
+        torch.randint(vocab // 8, vocab - 1, (args.prompt_tokens,), generator=g).tolist()
+        for _ in range(args.requests)
+    ]
     mixed = [(f"a{i % args.adapters}", p) for i, p in enumerate(prompts)]
     base = [("base", p) for p in prompts]
     load = os.getloadavg()
-    print(f"machine: {os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} "
-          f"{load[2]:.1f}; server threads {args.threads}", flush=True)
+    print(
+        f"machine: {os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} "
+        f"{load[2]:.1f}; server threads {args.threads}",
+        flush=True,
+    )
     server = Server(model_dir, adapters, args.threads, args.concurrency)
     results: dict[str, list[dict[str, Any]]] = {"mixed": [], "base": [], "sequential": []}
     try:
@@ -192,8 +225,10 @@ def main(argv: list[str] | None = None) -> None:
         p50 = statistics.median(x["ttft_p50_s"] for x in v)
         p99 = statistics.median(x["ttft_p99_s"] for x in v)
         print(f"| {k} | {med[k]:.1f} | {p50:.2f} | {p99:.2f} |")
-    print(f"\nmixed / base = {med['mixed'] / med['base']:.2f} (target >= 0.85); "
-          f"mixed / sequential = {med['mixed'] / med['sequential']:.2f} (target >= 4)")
+    print(
+        f"\nmixed / base = {med['mixed'] / med['base']:.2f} (target >= 0.85); "
+        f"mixed / sequential = {med['mixed'] / med['sequential']:.2f} (target >= 4)"
+    )
     load = os.getloadavg()
     print(f"load average after: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     if args.json:
