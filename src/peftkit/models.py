@@ -16,6 +16,7 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from .data import default_cache_dir
 
@@ -63,7 +64,7 @@ def fetch_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         src.parent, gguf_file=src.name, dtype=torch.float32
     )
     # Note: transformers refuses to save a GGUF-loaded model while it carries the quantizer marker.

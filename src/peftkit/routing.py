@@ -455,7 +455,7 @@ def route(model: nn.Module, adapters_: Any, *, packed: bool = False) -> Iterator
     # for every prefill and whenever its running rows change.
     merged = next(
         ((p, n) for p, layer in adapted_layers(root) for n, a in layer.adapters.items()
-         if a.merged),  # type: ignore[union-attr]
+         if a.merged),
         None,
     )
     if merged is not None:

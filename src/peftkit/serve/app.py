@@ -392,8 +392,8 @@ def _ids(chat: bool) -> tuple[str, str, str]:
 
 async def answer(request: Request, state: ServerState, *, chat: bool) -> Response:
     body = await read_json(request, state.max_body)
-    name = body.get("model")
-    adapter = state.adapter_for(name)
+    adapter = state.adapter_for(body.get("model"))
+    name = str(body["model"])
     stream = _bool(body, "stream")
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):

@@ -412,7 +412,7 @@ class Engine:
         self._close_route()  # routes do not nest: the decoding steps' route is reopened after
         n = req.sampling.n
         ids = torch.tensor([req.prompt], device=self.device)  # (1, P)
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache(config=self.model.config)  # type: ignore[arg-type]
         with self._route([req.adapter]):
             out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1].float()  # (V,)

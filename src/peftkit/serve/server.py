@@ -35,7 +35,8 @@ def load_served_model(
             "leave --model out to serve SmolLM2-135M-Instruct (`peftkit fetch-model` once)"
         )
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(str(folder))
+    model.eval()
     for name, path in adapters:
         peftkit.load_adapter(model, path, name=name, trainable=False)
     model.eval()
