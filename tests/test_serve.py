@@ -612,3 +612,36 @@ def test_sigterm_drains_requests_in_flight(folder: Path) -> None:
             s.http("GET", "/health")
     finally:
         s.stop()
+
+
+# -- the engine in this process -------------------------------------------------------------------
+def test_engine_refuses_what_it_cannot_batch(folder: Path, local: Any, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from peftkit.serve.engine import Engine
+
+    # a sliding-window model: the engine left-pads and trims its cache, which such layers forbid
+    cfg = Gemma3TextConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=8,
+    )
+    with pytest.raises(ValueError, match="sliding-window"):
+        Engine(Gemma3ForCausalLM(cfg), local[1])
+    # a Delta-LoRA adapter changes W, which every row shares: loading it fails, nothing changes
+    m = AutoModelForCausalLM.from_pretrained(folder / BASE)
+    peftkit.adapt(m, peftkit.DeltaLoraConfig(r=2, target_modules=["q_proj"]))
+    peftkit.save_adapter(m, tmp_path / "delta")
+    model = AutoModelForCausalLM.from_pretrained(folder / BASE).eval()
+    peftkit.load_adapter(model, folder / "a1", name="a1")
+    engine = Engine(model, local[1])
+    fut = engine.load_adapter("delta", str(tmp_path / "delta"))
+    engine.step()
+    with pytest.raises(ValueError, match="Delta-LoRA"):
+        fut.result(timeout=0)
+    assert peftkit.adapter_names(model) == ["a1"]

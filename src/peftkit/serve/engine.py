@@ -164,6 +164,27 @@ def eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
     return out
 
 
+def check_routable(model: nn.Module, name: str) -> None:
+    """ValueError unless adapter ``name`` can share a batch with others (a route refuses
+    merged and Delta-LoRA adapters, with the way out)."""
+    with peftkit.route(model, [name]):
+        pass
+
+
+def check_cache(model: nn.Module) -> None:
+    """ValueError unless every layer of the model's KV cache is a plain growing one: the
+    engine left-pads and trims the batch's cache, which a sliding-window layer does not allow."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)  # type: ignore[arg-type]
+    sliding = [i for i, layer in enumerate(cache.layers) if getattr(layer, "is_sliding", False)]
+    if sliding:
+        raise ValueError(
+            f"{type(model).__name__} has sliding-window attention (layers {sliding[:4]}...), "
+            "which peftkit serve does not support yet; serve a model with full attention"
+        )
+
+
 class Engine:
     """The scheduler: a queue of requests, one background thread, one batched forward per step.
 
@@ -174,6 +195,7 @@ class Engine:
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_batch: int = 16) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        check_cache(model)
         self.model = model.eval()
         # Note: a copy for the engine thread; the server's event loop tokenizes prompts with the
         # original at the same time, and a fast tokenizer's Python wrapper is not thread-safe.
@@ -245,6 +267,11 @@ class Engine:
             peftkit.load_adapter(self.model, path, name=name, trainable=False)
             self.model.eval()
             self._base_outside_routes()
+            try:
+                check_routable(self.model, name)
+            except ValueError:
+                peftkit.delete_adapter(self.model, name)
+                raise
 
         return self.call(load)
 
@@ -256,11 +283,12 @@ class Engine:
         done: Future[Any] = Future()
 
         def try_delete() -> None:
+            self._take_inbox()  # requests submitted before the unload still get their answer
             busy = any(c.request.adapter == name for c in self.rows) or any(
                 r.adapter == name for r in self.waiting
             )
             if busy:
-                self.control.put((try_delete, done))  # again after the next step
+                self.control.put((try_delete, Future()))  # again after the next step
                 return
             try:
                 peftkit.delete_adapter(self.model, name)
@@ -311,11 +339,7 @@ class Engine:
         Returns whether there was anything to do. A forward that raises ends the requests it
         served with an ``"error"`` event (and the traceback on stderr); the engine goes on."""
         worked = self._run_control()
-        while True:
-            try:
-                self.waiting.append(self.inbox.get_nowait())
-            except queue.Empty:
-                break
+        self._take_inbox()
         worked = self._admit() or worked
         self._drop_finished()
         if self.rows:
@@ -328,6 +352,13 @@ class Engine:
             self._drop_finished()
             worked = True
         return worked
+
+    def _take_inbox(self) -> None:
+        while True:
+            try:
+                self.waiting.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return
 
     def _fail(self, requests: Any, e: BaseException) -> None:
         traceback.print_exception(e, file=sys.stderr)

@@ -15,7 +15,7 @@ from typing import Any
 import peftkit
 
 from .app import MAX_BODY_BYTES, Guard, ServerState, build_app, log
-from .engine import Engine
+from .engine import Engine, check_routable
 
 #: Seconds between two progress lines while requests are running.
 PROGRESS_EVERY_S = 10.0
@@ -39,6 +39,7 @@ def load_served_model(
     model.eval()
     for name, path in adapters:
         peftkit.load_adapter(model, path, name=name, trainable=False)
+        check_routable(model, name)
     model.eval()
     return model, tokenizer
 
