@@ -11,8 +11,8 @@ The design (the README's "Serving" section says why this and not transformers' p
 continuous batching):
 
 * **Prefill alone, decode together.** A new request is prefilled on its own (batch 1, no padding,
-  its own KV cache), which gives its first token at once; its rows (``n`` choices) then join the
-  running batch at the next decoding step.
+  its own KV cache, its adapter the one active adapter), which gives its first token at once; its
+  rows (``n`` choices) then join the running batch at the next decoding step.
 * **One batched KV cache, left-padded.** The running rows share one ``DynamicCache`` whose rows
   are right-aligned: row i's real tokens fill the last ``len_i`` columns, the columns before are
   zero padding hidden by the attention mask. A joining row is left-padded to the batch's length
@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -397,6 +397,22 @@ class Engine:
         ids = torch.tensor([names.index(a) if a is not None else -1 for a in adapters])
         return peftkit.route(self.model, ids)
 
+    @contextlib.contextmanager
+    def _alone(self, adapter: str | None) -> Iterator[None]:
+        """The model with ``adapter`` alone active (a prefill is one request).
+
+        Note: not a one-row route: a route stacks the factors of the adapters it uses per layer
+        and caches one stack per layer, so a one-adapter prefill between two decoding steps over
+        all adapters would rebuild every layer's stack twice."""
+        if adapter is None:
+            yield
+            return
+        peftkit.set_adapter(self.model, adapter)
+        try:
+            yield
+        finally:
+            peftkit.set_adapter(self.model, [])
+
     def _decode_route(self) -> None:
         """Keep the decoding steps' route open while the running rows stay the same: a route
         caches its per-layer plans (positions, masks, stacked factors), so steps after the
@@ -444,7 +460,7 @@ class Engine:
         n = req.sampling.n
         ids = torch.tensor([req.prompt], device=self.device)  # (1, P)
         cache = DynamicCache(config=self.model.config)  # type: ignore[arg-type]
-        with self._route([req.adapter]):
+        with self._alone(req.adapter):
             out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[0, -1].float()  # (V,)
         seed = req.sampling.seed
