@@ -29,7 +29,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import W1_TARGETS, interleaved, ratio_stats, w1_batch, w1_model  # noqa: E402
+from common import (  # noqa: E402
+    W1_TARGETS,
+    interleaved,
+    ratio_stats,
+    w1_batch,
+    w1_model,
+    write_results,
+)
 
 import peftkit  # noqa: E402
 
@@ -139,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         ga = runner("mixed", True)()
         gb = runner("peft-mixed", True)()
         print(f"check: mixed generate == PEFT mixed generate: {torch.equal(ga, gb)}")
+        rows_out: list[dict[str, Any]] = []
         for phase in ("prefill", "generate"):
             if args.only and phase != args.only:
                 continue
@@ -152,6 +160,14 @@ def main(argv: list[str] | None = None) -> None:
             for n in wanted:
                 med, q1, q3 = stats[n]
                 print(f"| {n} | {med:.3f} [{q1:.3f}, {q3:.3f}] |")
+                rows_out.append({"phase": phase, "variant": n, "ratio_to_base": med, "q1": q1,
+                                 "q3": q3, "base_seconds": base_s})
+    write_results(
+        "w3", rows_out,
+        units={"ratio_to_base": "time / base model's time, median of per-round ratios",
+               "base_seconds": "s per call of the base model (median)"},
+        notes=f"{args.rounds} interleaved rounds; W1 Llama, 8 rows, r 16 on all seven projections",
+    )
 
 
 if __name__ == "__main__":
