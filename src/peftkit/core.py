@@ -411,6 +411,14 @@ class ModelState:
             f"model has adapters {self.names()} and none is active; pass name= or set_adapter"
         )
 
+    def resolve(self, name: str | None) -> str:
+        """``name`` if the model has it (else a ``ValueError`` listing them); None: the current."""
+        if name is None:
+            return self.current()
+        if name not in self.adapters:
+            raise ValueError(f"no adapter named {name!r}; the model has {self.names()}")
+        return name
+
     @property
     def config(self) -> AdapterConfig:
         return self.adapters[self.current()].config
@@ -456,10 +464,7 @@ def model_state(model: nn.Module) -> ModelState:
 
 def check_name(model: nn.Module, name: str) -> str:
     """``name`` if the model has an adapter of that name, else ``ValueError`` listing them."""
-    state = model_state(model)
-    if name not in state.adapters:
-        raise ValueError(f"no adapter named {name!r}; the model has {state.names()}")
-    return name
+    return model_state(model).resolve(name)
 
 
 @contextlib.contextmanager

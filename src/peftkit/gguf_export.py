@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .core import EMBEDDING, ModulesToSave, adapters, focused, model_state
+from .core import EMBEDDING, ModulesToSave, adapters, model_state
 
 #: HF ``model_type`` → (llama.cpp architecture, whether its converter permutes q/k rows)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -66,8 +66,7 @@ def gguf_adapter_tensors(
     (default: the only or first active one): float32 tensors in torch layout, B already permuted
     for q/k. Raises ``ValueError`` for what llama.cpp cannot carry; :func:`export_gguf` writes
     the result."""
-    with focused(model, name):
-        current = model_state(model).current()
+    current = model_state(model).resolve(name)
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:

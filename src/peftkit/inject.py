@@ -212,7 +212,6 @@ def adapt(model: nn.Module, config: AdapterConfig, *, name: str = DEFAULT) -> nn
     for _, m in modules_to_save(root):
         if id(m) not in before and name != DEFAULT and DEFAULT in m.copies:
             m.copies[name] = m.copies.pop(DEFAULT)  # prepare() wrapped it (LongLoRA's trainable)
-            m.active = [name]
     if shared is not None:
         _shared_holder(root)[name] = shared
     wrapped: list[tuple[str, Adapter]] = []
@@ -235,10 +234,9 @@ def adapt(model: nn.Module, config: AdapterConfig, *, name: str = DEFAULT) -> nn
             m.add(name)
         else:
             m = ModulesToSave(m, name).train(m.training)
-            m.active = []
             _set_module(root, path, m)
-        m.model_state = state
-    # LongLoRA and other prepare() steps may have wrapped modules themselves
+    # every wrapper reads routes from the model's state (prepare() may have made some: LongLoRA);
+    # which copies are active is set below, with the layers' active adapters
     for _, m in modules_to_save(root):
         m.model_state = state
     upcast_modules_to_save(root, config)  # fp32 trained copies on fp16/bf16 models

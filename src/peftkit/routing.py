@@ -54,13 +54,12 @@ class Route:
     """One mixed batch's adapter index, in the model's adapter numbering (−1 = base), with the
     per-layer plans derived from it. Built by :func:`route`; layers read it, users don't."""
 
-    def __init__(self, state: ModelState, ids: Tensor, kind: str, names: list[str]) -> None:
+    def __init__(self, state: ModelState, ids: Tensor, kind: str) -> None:
         self.state = state
         self.ids = ids  # (B,), (B, T) or (N,), long, on the CPU
         self.kind = kind
-        self.names = names
         self.factor: int | None = None  # rows repeated by generate (beams × return sequences)
-        self._plans: dict[Any, Any] = {}
+        self._plans: dict[Any, Any] = {}  # token ids by layer input shape, shared by the layers
         self._layer_plans: dict[Any, Any] = {}  # read by routed_forward
         self._signature: tuple[Any, ...] | None = None
         self._device_ids: dict[torch.device, Tensor] = {}
@@ -165,13 +164,6 @@ class Route:
                 self.kind, self.factor, tuple(self.ids.shape), self.ids.numpy().tobytes()
             )
         return self._signature
-
-    def plan(self, key: Any, build: Any) -> Any:
-        got = self._plans.get(key)
-        if got is None:
-            got = build()
-            self._plans[key] = got
-        return got
 
 
 # -- per layer ------------------------------------------------------------------------------------
@@ -295,7 +287,7 @@ def routed_forward(
                 mine["generation"] = route.state.generation
             mine[lkey] = plan
         route._layer_plans[key] = plan
-    tag, lead, slots, used, pos, ads, kind, eligible, extras = plan
+    lead, slots, used, pos, ads, kind, eligible, extras = plan
     if not used:
         return out
     st = _stack(layer, ads, used) if eligible and not (args or kwargs) else None
@@ -364,22 +356,15 @@ def _layer_plan(
     kind = next(iter(layer.adapters.values())).kind  # type: ignore[attr-defined]
     lead = tuple(x.shape) if kind == EMBEDDING else tuple(x.shape[:-1])
     ids = route.token_ids(lead, x.device)
-    smap = _slot_map(layer, route.state, x.device)
-    tag = id(smap)
-
-    def positions() -> tuple[Tensor, list[int], Tensor]:
-        slots = smap[ids + 1]  # (n,) this layer's slot, or −1
-        used = sorted(int(u) for u in torch.unique(slots).tolist() if u >= 0)
-        pos = torch.full_like(slots, len(used))  # index into the stack; len(used) = zero slot
-        for j, u in enumerate(used):
-            pos[slots == u] = j
-        return slots, used, pos
-
-    slots, used, pos = route.plan(("pos", tag, lead), positions)
+    slots = _slot_map(layer, route.state, x.device)[ids + 1]  # (n,) this layer's slot, or −1
+    used = sorted(int(u) for u in torch.unique(slots).tolist() if u >= 0)
+    pos = torch.full_like(slots, len(used))  # index into the stack; len(used) = the zero slot
+    for j, u in enumerate(used):
+        pos[slots == u] = j
     all_ads = list(layer.adapters.values())
     ads: list[Adapter] = [all_ads[i] for i in used]  # type: ignore[misc]
     extras: dict[Any, Any] = {}  # the masked and grouped forms' index tensors, built on demand
-    return tag, lead, slots, used, pos, ads, kind, _eligible(ads, args, kw), extras
+    return lead, slots, used, pos, ads, kind, _eligible(ads, args, kw), extras
 
 
 def _per_adapter(
@@ -514,7 +499,7 @@ def route(model: nn.Module, adapters_: Any, *, packed: bool = False) -> Iterator
                 "cannot be mixed with others: export it exactly with peftkit.export_lora(model, "
                 "DIR, name=...) (a rank-2r LoRA) and load that instead"
             )
-    r = Route(state, ids, kind, state.names())
+    r = Route(state, ids, kind)
 
     def observe(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         r.observe(_input_batch(args, kwargs))

@@ -54,21 +54,20 @@ def adapter_tensors(model: nn.Module, name: str | None = None) -> dict[str, Tens
     defaults to the focused, the only or the first active adapter."""
     root = unwrap(model)
     state = model_state(root)
-    with focused(root, name):
-        current = state.current()
-        out: dict[str, Tensor] = {}
-        for path, layer in adapters(root, current):
-            for local, suffix in layer.peft_keys().items():
-                out[f"{PREFIX}{path}.{suffix}"] = _get(layer, local)
-        for path, m in modules_to_save(root):
-            if current in m.copies:
-                for pname, t in m.copies[current].state_dict(keep_vars=True).items():
-                    out[f"{PREFIX}{path}.{pname}"] = t
-        shared = state.adapters[current].shared
-        keys = getattr(shared, "peft_keys", None)
-        if shared is not None and callable(keys):
-            for local, key in keys().items():
-                out[key] = _get(shared, local)
+    current = state.resolve(name)
+    out: dict[str, Tensor] = {}
+    for path, layer in adapters(root, current):
+        for local, suffix in layer.peft_keys().items():
+            out[f"{PREFIX}{path}.{suffix}"] = _get(layer, local)
+    for path, m in modules_to_save(root):
+        if current in m.copies:
+            for pname, t in m.copies[current].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{path}.{pname}"] = t
+    shared = state.adapters[current].shared
+    keys = getattr(shared, "peft_keys", None)
+    if shared is not None and callable(keys):
+        for local, key in keys().items():
+            out[key] = _get(shared, local)
     return out
 
 
@@ -101,10 +100,9 @@ def write_adapter_files(
 def config_dict(model: nn.Module, name: str | None = None) -> dict[str, Any]:
     root = unwrap(model)
     state = model_state(root)
-    with focused(root, name):
-        current = state.current()
-        d = state.adapters[current].config.to_dict()
-        layers = list(adapters(root, current))
+    current = state.resolve(name)
+    d = state.adapters[current].config.to_dict()
+    layers = list(adapters(root, current))
     if d.get("target_modules") == "all-linear":
         d["target_modules"] = [path for path, _ in layers]  # as PEFT saves it
     d["fan_in_fan_out"] = any(a.kind == CONV1D for _, a in layers)
@@ -135,9 +133,8 @@ def save_adapter(
 
 def _save_one(root: nn.Module, directory: str | os.PathLike[str], name: str | None) -> Path:
     state = model_state(root)
-    with focused(root, name):
-        current = state.current()
-    with focused(root, current):
+    current = state.resolve(name)
+    with focused(root, current):  # the method's on_save sees this adapter alone
         d = config_dict(root)
         tensors = dict(adapter_tensors(root))
         method = METHODS[state.adapters[current].config.method]
@@ -354,8 +351,7 @@ def export_lora(
     """
     root = unwrap(model)
     state = model_state(root)
-    with focused(root, name):
-        current = state.current()
+    current = state.resolve(name)
     factors: dict[str, tuple[Tensor, Tensor, bool]] = {}
     for path, layer in adapters(root, current):
         a, b = layer.lora_factors(rank)
