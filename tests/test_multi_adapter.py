@@ -19,13 +19,15 @@ from peftkit.core import AdaptedLayer
 MIXABLE = [m for m in ROWS if m != "delta_lora"]
 
 
-@pytest.fixture(params=["masked", "batched"])
+@pytest.fixture(params=["grouped", "gathered"])
 def form(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test through both stacked forms: the masked one (all ranks side by side) and the
-    batched one (per-row gathered factors, or per-token groups)."""
+    """Run a test through both stacked forms: positions grouped by adapter (decoding steps,
+    per-token routes) and each row's factors gathered (per-row routes of many positions)."""
     from peftkit import routing
 
-    monkeypatch.setattr(routing, "MASKED_MAX_POSITIONS", 10**9 if request.param == "masked" else 0)
+    monkeypatch.setattr(
+        routing, "GATHER_MIN_POSITIONS", 10**9 if request.param == "grouped" else 0
+    )
     return str(request.param)
 
 

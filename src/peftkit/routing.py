@@ -10,10 +10,17 @@ DyLoRA at its set rank, DoRA-Mao, LongLoRA's LoRA part, DoRA's direction), the f
 adapters in use are stacked (ranks zero-padded to the largest) and applied with two batched
 matmuls, with no Python loop over adapters:
 
-* per row (``(B,)``): the stack is gathered per row: ``h = bmm(x, A[row]ᵀ)``,
-  ``y = bmm(h, B'[row]ᵀ)``;
-* per token (``(B, T)``, or ``(N,)`` for a packed batch): tokens are grouped by adapter once per
-  forward (the plan is cached on the route), padded into ``(U, L, in)`` and multiplied the same way.
+* positions grouped by adapter (a decoding step, and every per-token route ``(B, T)`` or packed
+  ``(N,)``): the positions that use adapter i are gathered into group i, groups zero-padded to
+  the largest, ``h = bmm(x_groups, Aᵀ)`` and ``y = bmm(h, B'ᵀ)`` on the stack as it is, then
+  added back at their positions. Each position meets only its own adapter's factors;
+* per row, for longer inputs (``(B,)`` routes, at least :data:`GATHER_MIN_POSITIONS`
+  positions): each row's factors are gathered, ``h = bmm(x, A[row]ᵀ)``,
+  ``y = baddbmm(out, h, B'[row]ᵀ)`` (the factor copies are small next to the activations).
+
+Where a step reads every adapter's factors once (a decoding step whose rows all use different
+adapters), time follows bytes: the step costs about as much as one adapter whose rank is the sum
+of the ranks in use (``bench/w3_mixed.py``'s ``r128`` variant measures that floor).
 
 DoRA's magnitude is a per-row factor g = m/‖W + sBA‖ applied to the base output and the update.
 MoRA, embeddings and updates with per-adapter dropout in training run per adapter on the rows
@@ -186,16 +193,12 @@ def _slot_map(layer: AdaptedLayer, state: ModelState, device: torch.device) -> T
 
 class _Stack:
     """The factors of the adapters a layer uses in one batch, zero-padded to the largest rank,
-    with one extra zero slot (g = 1) for positions that use the base: ``a`` (U+1, r, in),
-    ``b`` (U+1, out, r), ``g`` (U+1, out) or None; ``a_cat`` (in → (U+1)·r) and ``b_cat``
-    ((U+1)·r → out) hold the same factors side by side, for the masked form."""
+    with one extra zero slot (g = 1) for positions that use the base, laid out for ``bmm``:
+    ``at`` (U+1, in, r) = Aᵀ, ``bt`` (U+1, r, out) = B'ᵀ, ``g`` (U+1, out) or None."""
 
-    def __init__(self, a: Tensor, b: Tensor, g: Tensor | None) -> None:
-        self.a, self.b, self.g = a, b, g
-        u, r, n_in = a.shape
-        self.rank = int(r)
-        self.a_cat = a.reshape(u * r, n_in)  # (U·r, in)
-        self.b_cat = b.permute(1, 0, 2).reshape(b.shape[1], u * r)  # (out, U·r)
+    def __init__(self, at: Tensor, bt: Tensor, g: Tensor | None) -> None:
+        self.at, self.bt, self.g = at, bt, g
+        self.rank = int(at.shape[2])
 
 
 def _stack(layer: AdaptedLayer, ads: list[Adapter], used: list[int]) -> _Stack | None:
@@ -206,7 +209,7 @@ def _stack(layer: AdaptedLayer, ads: list[Adapter], used: list[int]) -> _Stack |
     generation = layer.model_state.generation if layer.model_state is not None else 0
     if caching and cache is not None and cache[0] == (tuple(used), generation):
         tensors, versions, got = cache[1], cache[2], cache[3]
-        if all(t._version == v for t, v in zip(tensors, versions, strict=True)):
+        if tuple([t._version for t in tensors]) == versions:
             return got  # type: ignore[no-any-return]
     pairs: list[tuple[Tensor, Tensor]] = []
     for a in ads:
@@ -216,23 +219,23 @@ def _stack(layer: AdaptedLayer, ads: list[Adapter], used: list[int]) -> _Stack |
         pairs.append(f)
     r = max(int(pa.shape[0]) for pa, _ in pairs)
     a0, b0 = pairs[0]
-    a_st = torch.stack(
-        [F.pad(pa, (0, 0, 0, r - pa.shape[0])) for pa, _ in pairs]
-        + [a0.new_zeros(r, a0.shape[1])]
-    )  # (U+1, r, in)
-    b_st = torch.stack(
-        [F.pad(pb, (0, r - pb.shape[1])) for _, pb in pairs] + [b0.new_zeros(b0.shape[0], r)]
-    )  # (U+1, out, r)
+    at = torch.stack(
+        [F.pad(pa, (0, 0, 0, r - pa.shape[0])).t() for pa, _ in pairs]
+        + [a0.new_zeros(a0.shape[1], r)]
+    )  # (U+1, in, r)
+    bt = torch.stack(
+        [F.pad(pb, (0, r - pb.shape[1])).t() for _, pb in pairs] + [b0.new_zeros(r, b0.shape[0])]
+    )  # (U+1, r, out)
     scales = [a.row_scale() for a in ads]
     g = None
     if any(sc is not None for sc in scales):
-        one = torch.ones(b_st.shape[1], dtype=b_st.dtype, device=b_st.device)
-        g = torch.stack([one if sc is None else sc.to(b_st.dtype) for sc in scales] + [one])
-    got = _Stack(a_st, b_st, g)
+        one = torch.ones(bt.shape[2], dtype=bt.dtype, device=bt.device)
+        g = torch.stack([one if sc is None else sc.to(bt.dtype) for sc in scales] + [one])
+    got = _Stack(at, bt, g)
     if caching:
         # Note: keyed on every tensor's version, the base's too (DoRA's g reads ‖W + sBA‖).
         tensors = [t for m in (*ads, layer.base) for t in (*m.parameters(), *m.buffers())]
-        versions = [t._version for t in tensors]
+        versions = tuple([t._version for t in tensors])
         layer.__dict__["_peftkit_stack"] = ((tuple(used), generation), tensors, versions, got)
     return got
 
@@ -255,10 +258,10 @@ def _bias(layer: AdaptedLayer) -> Tensor | None:
     return b if isinstance(b, Tensor) else None
 
 
-#: At most this many positions take the masked form (one GEMM pair over all the adapters'
-#: ranks side by side, other adapters' columns zeroed): cheapest for decoding steps. More
-#: positions take batched matmuls per row or per group, which waste no FLOPs.
-MASKED_MAX_POSITIONS = 64
+#: Above this many positions, a per-row route gathers each row's factors and runs one batched
+#: matmul pair over the rows (the factor copies are small next to the rows' activations). At or
+#: below it (a decoding step), and for per-token routes, positions are grouped by adapter instead.
+GATHER_MIN_POSITIONS = 65
 
 
 def routed_forward(
@@ -295,52 +298,39 @@ def routed_forward(
         return _per_adapter(ads, used, slots, x, out, kind)
     n_out = out.shape[-1]
     n = slots.numel()
-    xf = x.reshape(n, x.shape[-1]).to(st.a.dtype)
+    xf = x.reshape(n, x.shape[-1]).to(st.at.dtype)
     of = out.reshape(n, n_out)
-    if n <= MASKED_MAX_POSITIONS:
-
-        def mask() -> Tensor:
-            cols = torch.arange(st.a.shape[0], device=pos.device).repeat_interleave(st.rank)
-            return (cols[None, :] == pos[:, None]).to(st.a.dtype)  # (n, (U+1)·r)
-
-        m = extras.get(("mask", st.rank))
-        if m is None:
-            m = extras[("mask", st.rank)] = mask()
-        h = F.linear(xf, st.a_cat) * m  # (n, (U+1)·r)
-        if st.g is None and of.dtype == h.dtype:
-            return torch.addmm(of, h, st.b_cat.t()).view(out.shape)  # one GEMM onto the base
-        y = F.linear(h, st.b_cat)  # (n, out)
-    elif route.per_row(lead):
+    accumulate = st.g is None and of.dtype == st.at.dtype
+    if route.per_row(lead) and n >= GATHER_MIN_POSITIONS:
         rows = lead[0]
         rpos = pos.view(rows, -1)[:, 0]  # (rows,)
         x3 = xf.view(rows, -1, xf.shape[-1])  # (rows, T, in)
-        h = torch.bmm(x3, st.a[rpos].transpose(1, 2))  # (rows, T, in) @ (rows, in, r)
-        bt = st.b[rpos].transpose(1, 2)  # (rows, r, out)
-        if st.g is None and of.dtype == h.dtype:  # accumulate onto the base output: one pass
+        h = torch.bmm(x3, st.at[rpos])  # (rows, T, in) @ (rows, in, r)
+        bt = st.bt[rpos]  # (rows, r, out)
+        if accumulate:  # accumulate onto the base output: one pass
             return torch.baddbmm(out.reshape(rows, -1, n_out), h, bt).view(out.shape)
         y = torch.bmm(h, bt).view(n, n_out)  # (rows, T, out)
     else:
-        # per token: group the positions by adapter, pad to the largest group, two bmm's
-        def groups() -> tuple[Tensor, Tensor, int]:
-            valid = (pos < len(used)).nonzero().squeeze(1)
-            grp = pos[valid]
-            order = torch.argsort(grp, stable=True)
-            tok = valid[order]  # positions sorted by group
-            counts = torch.bincount(grp, minlength=len(used))
-            width = int(counts.max())
-            starts = torch.cumsum(counts, 0) - counts
-            gs = grp[order]
-            dest = gs * width + (torch.arange(tok.numel(), device=tok.device) - starts[gs])
-            return tok, dest, width
-
-        if "groups" not in extras:
-            extras["groups"] = groups()
-        tok, dest, width = extras["groups"]
+        # Positions grouped by adapter, each group zero-padded to the largest: (U, L, in), two
+        # bmm's on the stacked factors as they are (no copies of them), each position
+        # multiplied by its own adapter's factors only. Base positions are left out.
+        groups = extras.get("groups")
+        if groups is None:
+            groups = extras["groups"] = _groups(pos, len(used))
+        tok, dest, width = groups
         u = len(used)
-        xp = xf.new_zeros(u * width, xf.shape[-1]).index_copy(0, dest, xf[tok])
-        h = torch.bmm(xp.view(u, width, -1), st.a[:u].transpose(1, 2))  # (U, L, r)
-        yg = torch.bmm(h, st.b[:u].transpose(1, 2)).reshape(-1, n_out)  # (U·L, out)
-        y = yg.new_zeros(n, n_out).index_copy(0, tok, yg[dest])
+        xs = xf.index_select(0, tok)
+        if dest is not None:
+            xs = xf.new_zeros(u * width, xf.shape[-1]).index_copy_(0, dest, xs)
+        h = torch.bmm(xs.view(u, width, -1), st.at[:u])  # (U, L, r)
+        yg = torch.bmm(h, st.bt[:u]).view(-1, n_out)  # (U·L, out)
+        if dest is not None:
+            yg = yg.index_select(0, dest)
+        if accumulate:
+            if torch.is_grad_enabled():
+                return of.index_add(0, tok, yg).view(out.shape)
+            return of.index_add_(0, tok, yg).view(out.shape)  # the base's fresh output
+        y = of.new_zeros(n, n_out, dtype=yg.dtype).index_copy_(0, tok, yg)
     y = y.to(out.dtype)
     if st.g is None:
         return (of + y).view(out.shape)
@@ -348,6 +338,24 @@ def routed_forward(
     b = _bias(layer)
     res = g * (of + y) if b is None else g * (of - b + y) + b
     return res.view(out.shape)
+
+
+def _groups(pos: Tensor, u: int) -> tuple[Tensor, Tensor | None, int]:
+    """For positions whose stack slot is ``pos`` (``u`` = the base): the positions that use an
+    adapter, sorted by slot (``tok``), where each lands in a ``(u, width)`` grid of groups padded
+    to the largest (``dest``; None when the groups fill the grid exactly), and ``width``."""
+    valid = (pos < u).nonzero().squeeze(1)
+    grp = pos[valid]
+    order = torch.argsort(grp, stable=True)
+    tok = valid[order]
+    counts = torch.bincount(grp, minlength=u)
+    width = int(counts.max()) if u else 0
+    if bool((counts == width).all()):
+        return tok, None, width  # every group full: the sorted positions are the grid
+    starts = torch.cumsum(counts, 0) - counts
+    gs = grp[order]
+    dest = gs * width + (torch.arange(tok.numel(), device=tok.device) - starts[gs])
+    return tok, dest, width
 
 
 def _layer_plan(
