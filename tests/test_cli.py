@@ -24,6 +24,7 @@ import torch
 import peftkit
 from peftkit import cli
 from peftkit import train as T
+from peftkit.cli import common as cli_common
 from peftkit.data import minilm_path, vader_path
 from peftkit.methods import METHODS
 from peftkit.methods.lora import LoraConfig
@@ -358,7 +359,7 @@ def test_dylora_eval_at_every_rank_and_its_curve(
     assert code == 0, err
     code, out, err = run(capsys, "eval", "--adapter", out_dir, "--ranks")
     assert code == 0, err
-    curve = json.loads((out_dir / cli.RANK_CURVE).read_text())
+    curve = json.loads((out_dir / cli_common.RANK_CURVE).read_text())
     assert list(curve["ranks"]) == ["1", "2", "3"] and curve["metric"] == "accuracy"
     # At the full rank, the number a plain eval gives (it uses the rank the adapter was saved at).
     code, out3, _ = run(capsys, "eval", "--adapter", out_dir)
@@ -497,7 +498,7 @@ def test_qlora_nf4_base_is_rebuilt_for_eval(
     code, out, err = run(capsys, "eval", "--adapter", out_dir)
     assert code == 0 and printed(out, "accuracy") == pytest.approx(after, abs=1e-4)
     args = cli.build_parser().parse_args(["eval", "--adapter", str(out_dir)])
-    model = cli._rebuild(args)[0]
+    model = cli_common.rebuild(args)[0]
     kinds = {type(m) for m in model.modules()}
     assert NF4Linear in kinds  # the frozen base is NF4 again
     head = model.get_submodule("classifier").trained

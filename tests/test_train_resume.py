@@ -778,17 +778,17 @@ def test_an_update_that_overflows_is_caught_before_it_is_kept() -> None:
 def test_a_second_writer_to_the_same_output_is_refused(
     cli_assets: dict[str, Path], tmp_path: Path
 ) -> None:
-    from peftkit import cli
+    from peftkit.cli import train as cli_train
 
     out = tmp_path / "out"
-    cli._lock_output(out)  # this process now holds it, as a still-running first run would
+    cli_train._lock_output(out)  # this process now holds it, as a still-running first run would
     try:
         r = subprocess.run(
             _cmd(cli_assets, out, "--steps", "2"), env=_env(), capture_output=True, text=True
         )
     finally:
-        for f in cli._LOCKS:
+        for f in cli_train._LOCKS:
             f.close()
-        cli._LOCKS.clear()
+        cli_train._LOCKS.clear()
     assert r.returncode == 2 and "another peftkit train is writing to" in r.stderr
     assert not (out / "adapter_model.safetensors").exists()
