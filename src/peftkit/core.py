@@ -394,9 +394,27 @@ class ModelState:
     focus: str | None = None
     #: bumped whenever adapters are added, deleted or (un)merged: layers' caches key on it
     generation: int = 0
+    _parts: Any = field(default=None, repr=False, compare=False)
 
     def names(self) -> list[str]:
         return list(self.adapters)
+
+    def parts(
+        self, root: nn.Module
+    ) -> tuple[list[tuple[str, AdaptedLayer]], list[tuple[str, ModulesToSave]]]:
+        """Every :class:`AdaptedLayer` and :class:`ModulesToSave` of ``root`` by path: one walk
+        over the modules per generation (a server opens a route and switches adapters often;
+        a walk over a 30-layer model's modules costs milliseconds)."""
+        key = (self.generation, id(root))
+        if self._parts is None or self._parts[0] != key:
+            layers, copies = [], []
+            for path, m in root.named_modules():
+                if isinstance(m, AdaptedLayer):
+                    layers.append((path, m))
+                elif isinstance(m, ModulesToSave):
+                    copies.append((path, m))
+            self._parts = (key, layers, copies)
+        return self._parts[1], self._parts[2]
 
     def current(self) -> str:
         """The adapter a single-adapter helper means: the focused one, else the only one, else

@@ -313,9 +313,10 @@ def _check_compatible(
 
 
 def _apply_active(root: nn.Module, state: ModelState) -> None:
-    for _, layer in adapted_layers(root):
+    layers, copies = state.parts(root)
+    for _, layer in layers:
         layer.active = [n for n in state.active if n in layer.adapters]
-    for _, m in modules_to_save(root):
+    for _, m in copies:
         m.active = [n for n in state.active if n in m.copies]
 
 
@@ -341,8 +342,7 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> nn.Module:
         check_name(model, n)
     if len(set(wanted)) != len(wanted):
         raise ValueError(f"set_adapter got a name twice: {wanted}")
-    state.active = wanted
-    state.generation += 1
+    state.active = wanted  # Note: no new generation: which adapters are active changes no cache
     _apply_active(unwrap(model), state)
     return model
 

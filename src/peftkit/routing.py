@@ -49,7 +49,6 @@ from .core import (
     Adapter,
     ModelState,
     ModulesToSave,
-    adapted_layers,
     get_state,
     unwrap,
 )
@@ -268,7 +267,6 @@ def routed_forward(
     layer: AdaptedLayer, route: Route, x: Tensor, *args: Any, **kwargs: Any
 ) -> Tensor:
     """``layer``'s output with each position's own adapter (see the module docstring)."""
-    out: Tensor = layer.base(x, *args, **kwargs)
     # Note: one dictionary lookup per layer and input shape once the route has seen them (a
     # decoding step repeats the shape): where the positions go, which adapters, which form.
     key = (id(layer), x.shape, x.device, route.state.generation, torch.is_grad_enabled(),
@@ -285,12 +283,17 @@ def routed_forward(
         plan = mine.get(lkey)
         if plan is None:
             plan = _layer_plan(layer, route, x, args, kwargs)
-            if len(mine) > 16:
-                mine.clear()
-                mine["generation"] = route.state.generation
+            if len(mine) > 16:  # the least recently used goes
+                del mine[next(k for k in mine if k != "generation")]
             mine[lkey] = plan
+        else:
+            mine[lkey] = mine.pop(lkey)
         route._layer_plans[key] = plan
-    lead, slots, used, pos, ads, kind, eligible, extras = plan
+    lead, slots, used, pos, ads, kind, eligible, extras, solo = plan
+    if solo:  # every position uses one adapter: its own forward, as when it is the active one
+        one: Tensor = ads[0](x, *args, **kwargs)
+        return one
+    out: Tensor = layer.base(x, *args, **kwargs)
     if not used:
         return out
     st = _stack(layer, ads, used) if eligible and not (args or kwargs) else None
@@ -371,8 +374,9 @@ def _layer_plan(
         pos[slots == u] = j
     all_ads = list(layer.adapters.values())
     ads: list[Adapter] = [all_ads[i] for i in used]  # type: ignore[misc]
-    extras: dict[Any, Any] = {}  # the masked and grouped forms' index tensors, built on demand
-    return lead, slots, used, pos, ads, kind, _eligible(ads, args, kw), extras
+    extras: dict[Any, Any] = {}  # the grouped form's index tensors, built on demand
+    solo = len(used) == 1 and bool((pos == 0).all())
+    return lead, slots, used, pos, ads, kind, _eligible(ads, args, kw), extras, solo
 
 
 def _per_adapter(
@@ -492,7 +496,7 @@ def route(model: nn.Module, adapters_: Any, *, packed: bool = False) -> Iterator
             raise ValueError(f"packed=True takes (N,) per-token ids, got {tuple(ids.shape)}")
         kind = PACKED
     # Note: one walk over the layers, however many adapters are loaded.
-    for path, layer in adapted_layers(root):
+    for path, layer in state.parts(root)[0]:
         for name, a in layer.adapters.items():
             if a.merged:  # type: ignore[union-attr]
                 raise ValueError(

@@ -11,7 +11,7 @@ The design (the README's "Serving" section says why this and not transformers' p
 continuous batching):
 
 * **Prefill alone, decode together.** A new request is prefilled on its own (batch 1, no padding,
-  its own KV cache, its adapter the one active adapter), which gives its first token at once; its
+  its own KV cache, a one-row route: its adapter's own forward in every layer), which gives its first token at once; its
   rows (``n`` choices) then join the running batch at the next decoding step.
 * **One batched KV cache, left-padded.** The running rows share one ``DynamicCache`` whose rows
   are right-aligned: row i's real tokens fill the last ``len_i`` columns, the columns before are
@@ -397,21 +397,11 @@ class Engine:
         ids = torch.tensor([names.index(a) if a is not None else -1 for a in adapters])
         return peftkit.route(self.model, ids)
 
-    @contextlib.contextmanager
-    def _alone(self, adapter: str | None) -> Iterator[None]:
-        """The model with ``adapter`` alone active (a prefill is one request).
-
-        Note: not a one-row route: a route stacks the factors of the adapters it uses per layer
-        and caches one stack per layer, so a one-adapter prefill between two decoding steps over
-        all adapters would rebuild every layer's stack twice."""
-        if adapter is None:
-            yield
-            return
-        peftkit.set_adapter(self.model, adapter)
-        try:
-            yield
-        finally:
-            peftkit.set_adapter(self.model, [])
+    def _alone(self, adapter: str | None) -> Any:
+        """The model as ``adapter`` alone gives it (a prefill is one request): a one-row route,
+        in which every adapted layer runs that adapter's own forward, the computation it does
+        as the one active adapter (no stacking, so the decoding steps' cached stacks stay)."""
+        return self._route([adapter])
 
     def _decode_route(self) -> None:
         """Keep the decoding steps' route open while the running rows stay the same: a route
