@@ -142,6 +142,30 @@ def test_mixed_rows_equal_single_adapter_outputs(method: str, form: str) -> None
         torch.testing.assert_close(logits(model, x), mixed, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_rank_groups_are_stacked_apart_and_stay_exact(dora: bool, form: str) -> None:
+    """Ranks 2, 3, 16, 64: {2, 3}, {16} and {64} are stacked apart (no padding of the small
+    ones to 64), and each row still equals its adapter alone."""
+    from peftkit import routing
+
+    model = MODELS["llama"](0)
+    linear, _, _ = TARGETS["llama"]
+    for name, r in [("r2", 2), ("r3", 3), ("r16", 16), ("r64", 64)]:
+        cfg = peftkit.LoraConfig(r=r, lora_alpha=r, target_modules=linear, use_dora=dora)
+        peftkit.adapt(model, cfg, name=name)
+    perturb(model, 0)
+    model.eval()
+    x = ids(batch=6, vocab=128)
+    names = ["r64", "r2", None, "r16", "r3", "r2"]
+    with torch.no_grad():
+        with peftkit.route(model, names):
+            mixed = logits(model, x)
+        layer = next(m for m in model.modules() if isinstance(m, AdaptedLayer))
+        st = routing._stack(layer, list(layer.adapters.values()), [0, 1, 2, 3])
+    assert st is not None and [p.members for p in st.parts] == [[0, 1], [2], [3]]
+    torch.testing.assert_close(mixed, reference_rows(model, x, names), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "vera", "mora", "adalora"])
 def test_mixed_rows_on_an_nf4_base(method: str, form: str) -> None:
     if not ROWS[method].nf4:

@@ -190,14 +190,44 @@ def _slot_map(layer: AdaptedLayer, state: ModelState, device: torch.device) -> T
     return m
 
 
-class _Stack:
-    """The factors of the adapters a layer uses in one batch, zero-padded to the largest rank,
-    with one extra zero slot (g = 1) for positions that use the base, laid out for ``bmm``:
-    ``at`` (U+1, in, r) = Aᵀ, ``bt`` (U+1, r, out) = B'ᵀ, ``g`` (U+1, out) or None."""
+class _Part:
+    """The stacked factors of the adapters of one rank group: ``members`` (their places in the
+    layer's used adapters), ``at`` (k+1, in, r) = Aᵀ and ``bt`` (k+1, r, out) = B'ᵀ, ranks
+    zero-padded to the group's largest, slot k zero (a position that uses none of them)."""
 
-    def __init__(self, at: Tensor, bt: Tensor, g: Tensor | None) -> None:
-        self.at, self.bt, self.g = at, bt, g
-        self.rank = int(at.shape[2])
+    def __init__(self, members: list[int], at: Tensor, bt: Tensor) -> None:
+        self.members, self.at, self.bt = members, at, bt
+
+
+class _Stack:
+    """What a layer multiplies a mixed batch by: the adapters it uses in rank groups
+    (:class:`_Part`; ranks within a factor :data:`RANK_SPREAD` of each other share one, so
+    padding at most doubles a factor) and ``g`` (U+1, out), DoRA's per-adapter row scale (1 for
+    the others and for the base), or None."""
+
+    def __init__(self, parts: list[_Part], g: Tensor | None) -> None:
+        self.parts, self.g = parts, g
+        self.dtype = parts[0].at.dtype
+
+
+#: Adapters whose ranks differ by at most this factor are stacked together (padded to the
+#: largest); wider spreads get a stack each (one batched matmul pair per rank group, not per
+#: adapter), so one rank-64 adapter does not pad seven rank-4 ones to 64.
+RANK_SPREAD = 2
+
+
+def _rank_groups(ranks: list[int]) -> list[list[int]]:
+    """Indices into ``ranks`` grouped so that within a group the largest rank is at most
+    :data:`RANK_SPREAD` times the smallest."""
+    groups: list[list[int]] = []
+    low = 0
+    for j in sorted(range(len(ranks)), key=lambda j: ranks[j]):
+        if groups and ranks[j] <= RANK_SPREAD * low:
+            groups[-1].append(j)
+        else:
+            groups.append([j])
+            low = ranks[j]
+    return [sorted(g) for g in groups]
 
 
 def _stack(layer: AdaptedLayer, ads: list[Adapter], used: list[int]) -> _Stack | None:
@@ -216,21 +246,27 @@ def _stack(layer: AdaptedLayer, ads: list[Adapter], used: list[int]) -> _Stack |
         if f is None:
             return None
         pairs.append(f)
-    r = max(int(pa.shape[0]) for pa, _ in pairs)
-    a0, b0 = pairs[0]
-    at = torch.stack(
-        [F.pad(pa, (0, 0, 0, r - pa.shape[0])).t() for pa, _ in pairs]
-        + [a0.new_zeros(a0.shape[1], r)]
-    )  # (U+1, in, r)
-    bt = torch.stack(
-        [F.pad(pb, (0, r - pb.shape[1])).t() for _, pb in pairs] + [b0.new_zeros(r, b0.shape[0])]
-    )  # (U+1, r, out)
+    parts = []
+    for members in _rank_groups([int(pa.shape[0]) for pa, _ in pairs]):
+        grp = [pairs[j] for j in members]
+        r = max(int(pa.shape[0]) for pa, _ in grp)
+        a0, b0 = grp[0]
+        at = torch.stack(
+            [F.pad(pa, (0, 0, 0, r - pa.shape[0])).t() for pa, _ in grp]
+            + [a0.new_zeros(a0.shape[1], r)]
+        )  # (k+1, in, r)
+        bt = torch.stack(
+            [F.pad(pb, (0, r - pb.shape[1])).t() for _, pb in grp]
+            + [b0.new_zeros(r, b0.shape[0])]
+        )  # (k+1, r, out)
+        parts.append(_Part(members, at, bt))
     scales = [a.row_scale() for a in ads]
     g = None
     if any(sc is not None for sc in scales):
-        one = torch.ones(bt.shape[2], dtype=bt.dtype, device=bt.device)
-        g = torch.stack([one if sc is None else sc.to(bt.dtype) for sc in scales] + [one])
-    got = _Stack(at, bt, g)
+        b0 = pairs[0][1]
+        one = torch.ones(b0.shape[0], dtype=b0.dtype, device=b0.device)
+        g = torch.stack([one if sc is None else sc.to(b0.dtype) for sc in scales] + [one])
+    got = _Stack(parts, g)
     if caching:
         # Note: keyed on every tensor's version, the base's too (DoRA's g reads ‖W + sBA‖).
         tensors = [t for m in (*ads, layer.base) for t in (*m.parameters(), *m.buffers())]
@@ -301,40 +337,49 @@ def routed_forward(
         return _per_adapter(ads, used, slots, x, out, kind)
     n_out = out.shape[-1]
     n = slots.numel()
-    xf = x.reshape(n, x.shape[-1]).to(st.at.dtype)
+    xf = x.reshape(n, x.shape[-1]).to(st.dtype)
     of = out.reshape(n, n_out)
-    accumulate = st.g is None and of.dtype == st.at.dtype
-    if route.per_row(lead) and n >= GATHER_MIN_POSITIONS:
-        rows = lead[0]
-        rpos = pos.view(rows, -1)[:, 0]  # (rows,)
-        x3 = xf.view(rows, -1, xf.shape[-1])  # (rows, T, in)
-        h = torch.bmm(x3, st.at[rpos])  # (rows, T, in) @ (rows, in, r)
-        bt = st.bt[rpos]  # (rows, r, out)
-        if accumulate:  # accumulate onto the base output: one pass
-            return torch.baddbmm(out.reshape(rows, -1, n_out), h, bt).view(out.shape)
-        y = torch.bmm(h, bt).view(n, n_out)  # (rows, T, out)
-    else:
-        # Positions grouped by adapter, each group zero-padded to the largest: (U, L, in), two
+    into_base = st.g is None and of.dtype == st.dtype
+    # the updates accumulate onto the base output, or apart when DoRA's g must scale the sum
+    acc = of if into_base else of.new_zeros(n, n_out, dtype=st.dtype)
+    inplace = not torch.is_grad_enabled()  # acc is the base's fresh output or fresh zeros
+    u = len(used)
+    for k, part in enumerate(st.parts):
+        if len(st.parts) == 1:
+            ppos = pos
+        else:  # this group's own slots; the other groups' positions go to its zero slot
+            ppos = extras.get(("pos", k))
+            if ppos is None:
+                local = torch.full((u + 1,), len(part.members), dtype=torch.long)
+                local[part.members] = torch.arange(len(part.members))
+                ppos = extras[("pos", k)] = local.to(pos.device)[pos]
+        pu = len(part.members)
+        if len(st.parts) == 1 and route.per_row(lead) and n >= GATHER_MIN_POSITIONS:
+            rows = lead[0]
+            rpos = ppos.view(rows, -1)[:, 0]  # (rows,)
+            h = torch.bmm(xf.view(rows, -1, xf.shape[-1]), part.at[rpos])  # (rows, T, r)
+            acc = torch.baddbmm(acc.view(rows, -1, n_out), h, part.bt[rpos]).view(n, n_out)
+            continue
+        # Positions grouped by adapter, each group zero-padded to the largest: (k, L, in), two
         # bmm's on the stacked factors as they are (no copies of them), each position
         # multiplied by its own adapter's factors only. Base positions are left out.
-        groups = extras.get("groups")
+        groups = extras.get(("groups", k))
         if groups is None:
-            groups = extras["groups"] = _groups(pos, len(used))
+            groups = extras[("groups", k)] = _groups(ppos, pu)
         tok, dest, width = groups
-        u = len(used)
+        if tok.numel() == 0:
+            continue
         xs = xf.index_select(0, tok)
         if dest is not None:
-            xs = xf.new_zeros(u * width, xf.shape[-1]).index_copy_(0, dest, xs)
-        h = torch.bmm(xs.view(u, width, -1), st.at[:u])  # (U, L, r)
-        yg = torch.bmm(h, st.bt[:u]).view(-1, n_out)  # (U·L, out)
+            xs = xf.new_zeros(pu * width, xf.shape[-1]).index_copy_(0, dest, xs)
+        h = torch.bmm(xs.view(pu, width, -1), part.at[:pu])  # (k, L, r)
+        yg = torch.bmm(h, part.bt[:pu]).view(-1, n_out)  # (k·L, out)
         if dest is not None:
             yg = yg.index_select(0, dest)
-        if accumulate:
-            if torch.is_grad_enabled():
-                return of.index_add(0, tok, yg).view(out.shape)
-            return of.index_add_(0, tok, yg).view(out.shape)  # the base's fresh output
-        y = of.new_zeros(n, n_out, dtype=yg.dtype).index_copy_(0, tok, yg)
-    y = y.to(out.dtype)
+        acc = acc.index_add_(0, tok, yg) if inplace else acc.index_add(0, tok, yg)
+    if into_base:
+        return acc.view(out.shape)
+    y = acc.to(out.dtype)
     if st.g is None:
         return (of + y).view(out.shape)
     g = st.g.to(out.dtype)[pos]  # (n, out): DoRA's m/‖W + sBA‖ per position, 1 for the base

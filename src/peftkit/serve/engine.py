@@ -11,8 +11,9 @@ The design (the README's "Serving" section says why this and not transformers' p
 continuous batching):
 
 * **Prefill alone, decode together.** A new request is prefilled on its own (batch 1, no padding,
-  its own KV cache, a one-row route: its adapter's own forward in every layer), which gives its first token at once; its
-  rows (``n`` choices) then join the running batch at the next decoding step.
+  its own KV cache, a one-row route: its adapter's own forward in every layer), which gives its
+  first token at once; its rows (``n`` choices) then join the running batch at the next
+  decoding step.
 * **One batched KV cache, left-padded.** The running rows share one ``DynamicCache`` whose rows
   are right-aligned: row i's real tokens fill the last ``len_i`` columns, the columns before are
   zero padding hidden by the attention mask. A joining row is left-padded to the batch's length
@@ -42,7 +43,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
