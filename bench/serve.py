@@ -4,15 +4,32 @@ time to first token (p50, p99) for:
 
 * ``mixed``: request i names adapter i mod 8;
 * ``base``: the same requests, all to the base model, through the same server;
-* ``sequential``: mixed requests sent one at a time (the server then decodes one row per step).
+* ``sequential``: mixed requests sent one at a time (the server then decodes one row per step);
+* ``transformers``, ``transformers-cb`` (only if named in ``--workloads``): the base requests sent
+  the same way to ``transformers serve`` (tried with ``transformers`` 5.25; it needs its ``serve``
+  extras: fastapi, uvicorn, openai, pydantic), which this script starts on the model folder, on
+  the CPU, with ``OMP_NUM_THREADS`` set to ``--threads``; ``-cb`` adds ``--continuous-batching``.
 
     python bench/serve.py                      # SmolLM2-135M-Instruct (peftkit fetch-model)
     python bench/serve.py --model DIR --threads 2 --rounds 2
+    python bench/serve.py --workloads base,transformers,transformers-cb --rounds 1
 
-Prompts are token ids (random, fixed seed) so each is exactly 64 tokens; ``ignore_eos`` makes
-each answer exactly 64 tokens. Adapters: LoRA r 16 on all seven projections, random non-zero B,
-written once under the cache (``$PEFTKIT_CACHE`` or ``~/.cache/peftkit``). Rounds alternate the
-workloads so that a change in machine load hits each of them.
+Prompts are 64 random words, each one token, chosen so that their text tokenizes back into the
+same 64 ids: peftkit gets the ids, ``transformers serve`` the text (its ``/v1/completions`` takes
+no token ids). ``ignore_eos`` makes each of peftkit's answers exactly 64 tokens;
+``transformers serve`` refuses that field, so its requests carry
+``generation_config={"eos_token_id": -1}`` instead (no end token: it generates ``max_tokens``).
+Tokens/s counts the tokens each server reports in its usage chunk, and each round's line shows them
+and the prompt tokens. Note: without ``--continuous-batching``, ``transformers serve`` runs one
+request at a time (``model.generate`` per request), so its requests queue behind each other.
+With it, the KV cache is sized to the workload (``--cb-num-blocks``: one 256-token block per
+request in flight, twice over): left to itself on the CPU it takes most of the free memory
+(13.8 GB of a 23 GB machine).
+
+Adapters: LoRA r 16 on all seven projections, random non-zero B, written once under the cache
+(``$PEFTKIT_CACHE`` or ``~/.cache/peftkit``). Every server is started before the first round and
+each gets a warm-up; rounds alternate the order of the concurrent workloads so that a change in
+machine load hits each of them.
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ import json
 import math
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -65,7 +83,92 @@ def make_adapters(model_dir: Path, n: int, rank: int) -> list[Path]:
     return paths
 
 
-class Server:
+def make_prompts(model_dir: Path, n: int, length: int) -> list[tuple[list[int], str]]:
+    """``n`` prompts of ``length`` random words, each one token with its leading space, as (ids,
+    text), the text tokenizing back into exactly the ids (checked: a prompt that does not is drawn
+    again)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    words = sorted(i for t, i in tok.get_vocab().items() if re.fullmatch("\u0120[a-z]+", t))
+    g = torch.Generator().manual_seed(0)
+    prompts: list[tuple[list[int], str]] = []
+    while len(prompts) < n:
+        ids = [words[j] for j in torch.randint(len(words), (length,), generator=g).tolist()]
+        text = tok.decode(ids)
+        if tok(text)["input_ids"] == ids:
+            prompts.append((ids, text))
+    return prompts
+
+
+class Client:
+    """The streaming client shared by the servers: ``port`` and ``proc`` are set by a subclass,
+    ``extra`` holds the fields a server needs to generate exactly ``max_tokens``."""
+
+    port: int
+    proc: subprocess.Popen
+    extra: dict[str, Any] = {}
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def request(
+        self, model: str, prompt: list[int] | str, new: int
+    ) -> tuple[float, float, int, int]:
+        """One streamed completion: (seconds to the first chunk, total seconds, tokens, prompt
+        tokens), the tokens as the server's usage chunk counts them."""
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": new,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **self.extra,
+        }
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        t0 = time.perf_counter()
+        first = math.nan
+        tokens = prompt_tokens = 0
+        try:
+            conn.request(
+                "POST",
+                "/v1/completions",
+                body=json.dumps(body),
+                headers={"Content-Type": "application/json"},
+            )
+            resp = conn.getresponse()
+            if resp.status != 200:
+                raise RuntimeError(f"{resp.status}: {resp.read()[:300]!r}")
+            for line in resp:
+                if not line.startswith(b"data: "):
+                    continue
+                if math.isnan(first):
+                    first = time.perf_counter() - t0
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RuntimeError(f"the server failed the request: {chunk['error']}")
+                if chunk.get("usage"):
+                    tokens = int(chunk["usage"]["completion_tokens"])
+                    prompt_tokens = int(chunk["usage"]["prompt_tokens"])
+        finally:
+            conn.close()
+        return first, time.perf_counter() - t0, tokens, prompt_tokens
+
+
+class Server(Client):
+    """``peftkit serve`` with the adapters a0, a1, ... and the base model as ``base``."""
+
+    extra = {"ignore_eos": True}
+
     def __init__(self, model_dir: Path, adapters: list[Path], threads: int, max_batch: int) -> None:
         self.log = Path(tempfile.mkstemp(prefix="peftkit-serve-", suffix=".log")[1])
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
@@ -86,53 +189,44 @@ class Server:
         self.stop()
         sys.exit(f"the server did not start:\n{self.log.read_text()}")
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
-    def request(self, model: str, prompt: list[int], new: int) -> tuple[float, float, int]:
-        """One streamed completion: (seconds to the first chunk, total seconds, tokens)."""
-        body = {
-            "model": model,
-            "prompt": prompt,
-            "max_tokens": new,
-            "temperature": 0,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-        t0 = time.perf_counter()
-        first = math.nan
-        tokens = 0
-        try:
-            conn.request(
-                "POST",
-                "/v1/completions",
-                body=json.dumps(body),
-                headers={"Content-Type": "application/json"},
-            )
-            resp = conn.getresponse()
-            if resp.status != 200:
-                raise RuntimeError(f"{resp.status}: {resp.read()[:300]!r}")
-            for line in resp:
-                if not line.startswith(b"data: "):
-                    continue
-                if math.isnan(first):
-                    first = time.perf_counter() - t0
-                data = line[6:].strip()
-                if data == b"[DONE]":
-                    break
-                chunk = json.loads(data)
-                if chunk.get("usage"):
-                    tokens = int(chunk["usage"]["completion_tokens"])
-        finally:
-            conn.close()
-        return first, time.perf_counter() - t0, tokens
+class TransformersServer(Client):
+    """``transformers serve`` on the model folder (CPU, ``threads`` torch threads), on a free port.
+
+    It takes no ``ignore_eos``: ``eos_token_id`` -1 (none) in the request's generation config makes
+    it generate ``max_tokens``, with ``model.generate`` and with continuous batching alike."""
+
+    extra = {"generation_config": json.dumps({"eos_token_id": -1})}
+
+    def __init__(self, model_dir: Path, threads: int, cb_blocks: int | None) -> None:
+        with socket.socket() as s:  # a free port, known before the server starts
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log = Path(tempfile.mkstemp(prefix="transformers-serve-", suffix=".log")[1])
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        cli = Path(sys.executable).with_name("transformers")
+        cmd = [str(cli), "serve", str(model_dir), "--device", "cpu", "--host", "127.0.0.1",
+               "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
+        if cb_blocks is not None:
+            cmd += ["--continuous-batching", "--cb-num-blocks", str(cb_blocks)]
+        self.command = " ".join(cmd)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), env=env
+        )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+            try:
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            finally:
+                conn.close()
+            time.sleep(0.5)
+        self.stop()
+        sys.exit(f"transformers serve did not start ({self.command}):\n{self.log.read_text()}")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -141,8 +235,11 @@ def pct(values: list[float], q: float) -> float:
     return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
+WORKLOADS = ["mixed", "base", "sequential", "transformers", "transformers-cb"]
+
+
 def run(
-    server: Server, jobs: list[tuple[str, list[int]]], new: int, concurrency: int
+    server: Client, jobs: list[tuple[str, list[int] | str]], new: int, concurrency: int
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -154,6 +251,7 @@ def run(
         "requests": len(jobs),
         "wall_s": wall,
         "tokens": tokens,
+        "prompt_tokens": sum(r[3] for r in res),
         "tokens_per_s": tokens / wall,
         "ttft_p50_s": statistics.median(ttft),
         "ttft_p99_s": pct(ttft, 99),
@@ -182,41 +280,67 @@ def main(argv: list[str] | None = None) -> None:
         help="the server's torch threads (1: on a loaded 2-core machine, 2 threads were 4x slower)",
     )
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument(
+        "--workloads",
+        default="mixed,base,sequential",
+        help=f"comma-separated, of {', '.join(WORKLOADS)} (mixed,base,sequential)",
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
+    workloads = args.workloads.split(",")
+    if not workloads or any(w not in WORKLOADS for w in workloads):
+        ap.error(f"--workloads takes names among {', '.join(WORKLOADS)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model_dir = Path(args.model) if args.model else fetch_smollm2()
-    adapters = make_adapters(model_dir, args.adapters, args.rank)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    g = torch.Generator().manual_seed(0)
-    vocab = int(cfg["vocab_size"])
-    prompts = [
-        torch.randint(vocab // 8, vocab - 1, (args.prompt_tokens,), generator=g).tolist()
-        for _ in range(args.requests)
-    ]
-    mixed = [(f"a{i % args.adapters}", p) for i, p in enumerate(prompts)]
-    base = [("base", p) for p in prompts]
+    prompts = make_prompts(model_dir, args.requests, args.prompt_tokens)
+    mixed = [(f"a{i % args.adapters}", ids) for i, (ids, _) in enumerate(prompts)]
+    jobs: dict[str, list[tuple[str, list[int] | str]]] = {
+        "mixed": mixed,
+        "base": [("base", ids) for ids, _ in prompts],
+        "sequential": mixed[: args.sequential_requests],
+        "transformers": [(str(model_dir), text) for _, text in prompts],
+        "transformers-cb": [(str(model_dir), text) for _, text in prompts],
+    }
     load = os.getloadavg()
     print(
         f"machine: {os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} "
         f"{load[2]:.1f}; server threads {args.threads}",
         flush=True,
     )
-    server = Server(model_dir, adapters, args.threads, args.concurrency)
-    results: dict[str, list[dict[str, Any]]] = {"mixed": [], "base": [], "sequential": []}
+    servers: dict[str, Client] = {}
+    results: dict[str, list[dict[str, Any]]] = {w: [] for w in workloads}
     try:
-        run(server, mixed[: args.concurrency], 8, args.concurrency)  # warm-up
+        if {"mixed", "base", "sequential"} & set(workloads):
+            adapters = make_adapters(model_dir, args.adapters, args.rank)
+            peft = Server(model_dir, adapters, args.threads, args.concurrency)
+            servers.update(mixed=peft, base=peft, sequential=peft)
+        if "transformers" in workloads:
+            servers["transformers"] = TransformersServer(model_dir, args.threads, None)
+        if "transformers-cb" in workloads:
+            # a block holds 256 tokens of every layer; twice the blocks the requests in flight fill
+            per_request = math.ceil((args.prompt_tokens + args.new_tokens) / 256)
+            blocks = 2 * args.concurrency * per_request
+            servers["transformers-cb"] = TransformersServer(model_dir, args.threads, blocks)
+        warmed: list[Client] = []
+        for w in workloads:
+            if servers[w] in warmed:
+                continue
+            if isinstance(servers[w], TransformersServer):
+                print(f"{w}: {servers[w].command}", flush=True)
+            warm = jobs["mixed" if w == "sequential" else w][: args.concurrency]
+            run(servers[w], warm, 8, args.concurrency)  # warm-up
+            warmed.append(servers[w])
+        concurrent = [w for w in workloads if w != "sequential"]
+        last = [w for w in workloads if w == "sequential"]
         for r in range(args.rounds):
-            order = ["mixed", "base"] if r % 2 == 0 else ["base", "mixed"]
-            for name in order:
-                jobs = mixed if name == "mixed" else base
-                results[name].append(run(server, jobs, args.new_tokens, args.concurrency))
-                print(f"round {r} {name}: {json.dumps(results[name][-1])}", flush=True)
-            seq = mixed[: args.sequential_requests]
-            results["sequential"].append(run(server, seq, args.new_tokens, 1))
-            print(f"round {r} sequential: {json.dumps(results['sequential'][-1])}", flush=True)
+            order = concurrent if r % 2 == 0 else concurrent[::-1]
+            for w in order + last:
+                n = 1 if w == "sequential" else args.concurrency
+                results[w].append(run(servers[w], jobs[w], args.new_tokens, n))
+                print(f"round {r} {w}: {json.dumps(results[w][-1])}", flush=True)
     finally:
-        server.stop()
+        for server in dict.fromkeys(servers.values()):
+            server.stop()
     med = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in results.items()}
     print()
     print("| workload | tokens/s | TTFT p50 (s) | TTFT p99 (s) |")
@@ -225,10 +349,18 @@ def main(argv: list[str] | None = None) -> None:
         p50 = statistics.median(x["ttft_p50_s"] for x in v)
         p99 = statistics.median(x["ttft_p99_s"] for x in v)
         print(f"| {k} | {med[k]:.1f} | {p50:.2f} | {p99:.2f} |")
-    print(
-        f"\nmixed / base = {med['mixed'] / med['base']:.2f} (target >= 0.85); "
-        f"mixed / sequential = {med['mixed'] / med['sequential']:.2f} (target >= 4)"
-    )
+    for k, v in results.items():
+        want = len(jobs[k]) * args.new_tokens
+        if any(x["tokens"] != want for x in v):
+            print(f"note: {k} generated {[x['tokens'] for x in v]} tokens, not {want}")
+    print()
+    if "mixed" in med and "base" in med:
+        print(f"mixed / base = {med['mixed'] / med['base']:.2f} (target >= 0.85)")
+    if "mixed" in med and "sequential" in med:
+        print(f"mixed / sequential = {med['mixed'] / med['sequential']:.2f} (target >= 4)")
+    for k in ("transformers", "transformers-cb"):
+        if k in med and "base" in med:
+            print(f"base / {k} = {med['base'] / med[k]:.2f}")
     load = os.getloadavg()
     print(f"load average after: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     if args.json:
