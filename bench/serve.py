@@ -5,6 +5,9 @@ time to first token (p50, p99) for:
 * ``mixed``: request i names adapter i mod 8;
 * ``base``: the same requests, all to the base model, through the same server;
 * ``sequential``: mixed requests sent one at a time (the server then decodes one row per step);
+* ``floor``: the same requests all to one adapter of rank ``--adapters`` × ``--rank`` (128): every
+  decoding step then reads the same adapter bytes as a mixed step that uses all eight adapters,
+  through the plain LoRA forward with no routing, which makes it the floor for ``mixed``;
 * ``transformers``, ``transformers-cb`` (only if named in ``--workloads``): the base requests sent
   the same way to ``transformers serve`` (tried with ``transformers`` 5.25; it needs its ``serve``
   extras: fastapi, uvicorn, openai, pydantic), which this script starts on the model folder, on
@@ -54,6 +57,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import write_results  # noqa: E402
 
 import peftkit  # noqa: E402
 from peftkit.data import default_cache_dir  # noqa: E402
@@ -169,10 +175,19 @@ class Server(Client):
 
     extra = {"ignore_eos": True}
 
-    def __init__(self, model_dir: Path, adapters: list[Path], threads: int, max_batch: int) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        adapters: list[Path],
+        threads: int,
+        max_batch: int,
+        floor: Path | None = None,
+    ) -> None:
         self.log = Path(tempfile.mkstemp(prefix="peftkit-serve-", suffix=".log")[1])
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         args = [f"--adapter=a{i}={p}" for i, p in enumerate(adapters)]
+        if floor is not None:
+            args.append(f"--adapter=floor={floor}")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "peftkit", "serve", "--model", str(model_dir), "--port", "0",
              "--threads", str(threads), "--max-batch", str(max_batch),
@@ -235,7 +250,7 @@ def pct(values: list[float], q: float) -> float:
     return s[max(0, math.ceil(q / 100 * len(s)) - 1)]
 
 
-WORKLOADS = ["mixed", "base", "sequential", "transformers", "transformers-cb"]
+WORKLOADS = ["mixed", "base", "sequential", "floor", "transformers", "transformers-cb"]
 
 
 def run(
@@ -298,10 +313,12 @@ def main(argv: list[str] | None = None) -> None:
         "mixed": mixed,
         "base": [("base", ids) for ids, _ in prompts],
         "sequential": mixed[: args.sequential_requests],
+        "floor": [("floor", ids) for ids, _ in prompts],
         "transformers": [(str(model_dir), text) for _, text in prompts],
         "transformers-cb": [(str(model_dir), text) for _, text in prompts],
     }
     load = os.getloadavg()
+    load_before = f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}"
     print(
         f"machine: {os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} "
         f"{load[2]:.1f}; server threads {args.threads}",
@@ -310,10 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     servers: dict[str, Client] = {}
     results: dict[str, list[dict[str, Any]]] = {w: [] for w in workloads}
     try:
-        if {"mixed", "base", "sequential"} & set(workloads):
+        if {"mixed", "base", "sequential", "floor"} & set(workloads):
             adapters = make_adapters(model_dir, args.adapters, args.rank)
-            peft = Server(model_dir, adapters, args.threads, args.concurrency)
-            servers.update(mixed=peft, base=peft, sequential=peft)
+            floor = None
+            if "floor" in workloads:
+                floor = make_adapters(model_dir, 1, args.adapters * args.rank)[0]
+            peft = Server(model_dir, adapters, args.threads, args.concurrency, floor)
+            servers.update(mixed=peft, base=peft, sequential=peft, floor=peft)
         if "transformers" in workloads:
             servers["transformers"] = TransformersServer(model_dir, args.threads, None)
         if "transformers-cb" in workloads:
@@ -356,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     if "mixed" in med and "base" in med:
         print(f"mixed / base = {med['mixed'] / med['base']:.2f} (target >= 0.85)")
+    if "mixed" in med and "floor" in med:
+        print(f"mixed / floor = {med['mixed'] / med['floor']:.2f} (1 = no cost beyond the bytes)")
     if "mixed" in med and "sequential" in med:
         print(f"mixed / sequential = {med['mixed'] / med['sequential']:.2f} (target >= 4)")
     for k in ("transformers", "transformers-cb"):
@@ -365,6 +387,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average after: {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    rows = []
+    for k, v in results.items():
+        rows.append({
+            "workload": k,
+            "tokens_per_s": med[k],
+            "rounds_tokens_per_s": [round(x["tokens_per_s"], 2) for x in v],
+            "ttft_p50_s": statistics.median(x["ttft_p50_s"] for x in v),
+            "ttft_p99_s": statistics.median(x["ttft_p99_s"] for x in v),
+            "ratio_to_base": med[k] / med["base"] if "base" in med else None,
+        })
+    write_results(
+        "serve", rows,
+        units={"tokens_per_s": "output tokens/s, median over rounds",
+               "ratio_to_base": "tokens/s / base workload's tokens/s (same server, same run)"},
+        notes=f"{args.requests} requests of {args.prompt_tokens}+{args.new_tokens} tokens, "
+              f"{args.concurrency} at a time; {args.adapters} adapters r {args.rank}; server "
+              f"threads {args.threads}; load before {load_before}, after "
+              f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}",
+    )
 
 
 if __name__ == "__main__":
