@@ -108,6 +108,52 @@ def tiny_bert(seed: int = 0) -> nn.Module:
     return BertForSequenceClassification(cfg).eval()
 
 
+def tiny_t5(seed: int = 0) -> nn.Module:
+    """An encoder-decoder: T5 (relative positions, tied head), 2 + 2 layers."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=128,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_bart(seed: int = 0) -> nn.Module:
+    """An encoder-decoder: BART (learned positions, biases), 2 + 2 layers."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = BartConfig(
+        vocab_size=128,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        init_std=0.1,  # larger than BART's 0.02: prompts and adapters change the tokens
+    )
+    return BartForConditionalGeneration(cfg).eval()
+
+
 def tiny_mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return TinyMLP().eval()
@@ -128,6 +174,8 @@ MODELS = {
     "gpt2": tiny_gpt2,
     "bert": tiny_bert,
     "nf4": tiny_llama_nf4,
+    "t5": tiny_t5,
+    "bart": tiny_bart,
 }
 
 

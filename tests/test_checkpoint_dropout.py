@@ -10,14 +10,16 @@ import dataclasses
 import pytest
 import torch
 from conftest import ids, tiny_llama
-from test_contract import ROWS, perturb
+from test_contract import METHODS, ROWS, perturb
 
 import peftkit
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 # every method with a dropout option, by the name of its field (Delta-LoRA has none: it refuses
 # dropout, since its update of W assumes the undropped branch)
-DROPOUT = {m: "vera_dropout" if m == "vera" else "lora_dropout" for m in ROWS if m != "delta_lora"}
+DROPOUT = {
+    m: "vera_dropout" if m == "vera" else "lora_dropout" for m in METHODS if m != "delta_lora"
+}
 
 
 def _grads(method: str, mode: str | None) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_contract import ROWS
+from test_contract import METHODS, ROWS
 from torch import nn
 
 import peftkit
@@ -67,7 +67,7 @@ def _run(layer: nn.Module, x: torch.Tensor, train: bool) -> tuple[torch.Tensor, 
     return y.detach(), [p.grad for p in layer.parameters() if p.requires_grad]
 
 
-CASES = [(m, nf4) for m in ROWS for nf4 in (False, True) if not nf4 or ROWS[m].nf4]
+CASES = [(m, nf4) for m in METHODS for nf4 in (False, True) if not nf4 or ROWS[m].nf4]
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])

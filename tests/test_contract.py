@@ -1,7 +1,8 @@
 """The contract battery: every method in the registry × every model kind passes the same checks.
 
 A method joins by adding a row to ``ROWS``: how to build its config for given targets, which
-layer kinds it supports, and any exemption with its reason.
+layer kinds it supports, and any exemption with its reason. A row may also add a second adapter
+beside the first, both active (``second``), so that every check runs on a model holding two.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class Row:
     # method whose hook moves W, Delta-LoRA, is checked in its trained state)
     step_perturb: bool = False
     nf4: bool = True  # composes with an NF4 base (QLoRA)? if not, adapt() must refuse it
+    # a second adapter's config, from the first one's targets and modules_to_save: added as
+    # "second" beside the first ("default"), and both are active
+    second: Callable[..., peftkit.AdapterConfig] | None = None
 
 
 def cfg(cls: Callable[..., peftkit.AdapterConfig], **defaults: Any) -> Callable[..., Any]:
@@ -125,6 +129,19 @@ ROWS["delta_lora"] = Row(
     },
 )
 
+# Two adapters on one model, both active: the first LoRA (rank 4) on every target, the second
+# (rank 2) on all but the first linear target, with its own modules_to_save copy. So some layers
+# hold one adapter and others two, whose updates add; merge, unmerge, merge_and_unload, disable,
+# save/load (PEFT's multi-adapter folder) and training all see both. No check is exempt.
+ROWS["two_lora"] = Row(
+    make=cfg(peftkit.LoraConfig, r=4, lora_alpha=8),
+    second=lambda target_modules, modules_to_save: peftkit.LoraConfig(
+        r=2, lora_alpha=4, target_modules=target_modules[1:], modules_to_save=modules_to_save
+    ),
+)
+#: the rows of one adapter each, for the files that build their own models from ``make``
+METHODS = [m for m in ROWS if ROWS[m].second is None]
+
 # (targets, embedding targets, modules_to_save) per model kind.
 TARGETS: dict[str, tuple[list[str], list[str], list[str] | None]] = {
     "mlp": (["fc1", "fc2"], ["embed"], ["head"]),
@@ -145,6 +162,10 @@ def build(method: str, kind: str, seed: int = 0) -> tuple[nn.Module, nn.Module, 
     base = MODELS[kind](seed)
     model = MODELS[kind](seed)
     peftkit.adapt(model, row.make(target_modules=targets, modules_to_save=save))
+    if row.second is not None:
+        second = row.second(target_modules=targets, modules_to_save=save)
+        peftkit.adapt(model, second, name="second")
+        peftkit.set_adapter(model, ["default", "second"])
     vocab = 32 if kind == "mlp" else 128
     return base, model, ids(vocab=vocab)
 
@@ -235,6 +256,8 @@ def test_save_load_roundtrip(method: str, kind: str, tmp_path: Any) -> None:
     peftkit.save_adapter(model, tmp_path)
     fresh = MODELS[kind](0)
     assert peftkit.load_adapter(fresh, tmp_path) is fresh
+    # loading makes the first adapter active; which ones were active is not in the files
+    peftkit.set_adapter(fresh, peftkit.active_adapters(model))
     if "save_load_roundtrip" in ROWS[method].exempt:
         torch.testing.assert_close(output(fresh, x), y, atol=1e-5, rtol=1e-5)
     else:
@@ -253,8 +276,8 @@ def test_only_intended_parameters_train(method: str, kind: str) -> None:
         if isinstance(m, Adapter):
             intended.update(id(getattr(m, n)) for n in m.trainable_names()
                             if isinstance(getattr(m, n, None), nn.Parameter))
-        if isinstance(m, ModulesToSave):
-            intended.update(id(p) for p in m.trained.parameters())
+        if isinstance(m, ModulesToSave):  # every adapter's copy trains, active or not
+            intended.update(id(p) for p in m.copies.parameters())
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == intended
     n, total = peftkit.trainable_parameters(model)

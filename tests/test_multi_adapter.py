@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 from conftest import MODELS, ids, tiny_bert, tiny_llama
-from test_contract import ROWS, TARGETS, perturb
+from test_contract import METHODS, ROWS, TARGETS, perturb
 from torch import nn
 
 import peftkit
 from peftkit.core import AdaptedLayer
 
-MIXABLE = [m for m in ROWS if m != "delta_lora"]
+MIXABLE = [m for m in METHODS if m != "delta_lora"]
 
 
 @pytest.fixture(params=["grouped", "gathered"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ids, tiny_llama
 from safetensors.torch import load_file
-from test_contract import ROWS
+from test_contract import METHODS, ROWS
 
 import peftkit
 from peftkit.core import ModulesToSave
@@ -36,7 +36,7 @@ def _train(model: torch.nn.Module, lr: float, steps: int = 3) -> list[torch.Tens
 
 
 @pytest.mark.parametrize("dtype", list(HALF))
-@pytest.mark.parametrize("method", list(ROWS))
+@pytest.mark.parametrize("method", METHODS)
 def test_half_precision_model_trains_fp32_adapter(method: str, dtype: str) -> None:
     model = tiny_llama(0).to(HALF[dtype])
     peftkit.adapt(model, ROWS[method].make(target_modules=TARGETS))

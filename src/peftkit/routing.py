@@ -30,7 +30,10 @@ every row shares, so it cannot be mixed: :func:`route` refuses it and names its 
 The route is decided once per forward: names become one index tensor, checked once, kept on the
 model's state, where every layer reads it. ``generate`` repeats each row for beams and
 ``num_return_sequences``; the route reads that from the batch (rows repeated in groups) at the
-first forward and expands the index in one place.
+first forward and expands the index in one place. An encoder–decoder's ``generate`` runs the
+encoder once on the prompts (through ``get_encoder()``, which the route watches too) and then calls
+the model with the repeated encoder output and ``decoder_input_ids`` alone: the route reads the
+repetition from that encoder output. Such a model is routed per row only.
 """
 
 from __future__ import annotations
@@ -513,6 +516,19 @@ def _input_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None
     for t in args:
         if isinstance(t, Tensor):
             return t
+    # Note: an encoder-decoder's decoding step gets the encoder's output and no input_ids. Its
+    # rows are the decoder's, and generate repeats them exactly (the decoder's first tokens are
+    # all the start token, so they would show a repetition that is not there).
+    enc = kwargs.get("encoder_outputs")
+    h = getattr(enc, "last_hidden_state", None)
+    if h is None and isinstance(enc, (tuple, list)) and enc:
+        h = enc[0]
+    if isinstance(h, Tensor):
+        return h
+    for key in ("decoder_input_ids", "decoder_inputs_embeds"):
+        t = kwargs.get(key)
+        if isinstance(t, Tensor):
+            return t
     return None
 
 
@@ -526,9 +542,10 @@ def route(model: nn.Module, adapters_: Any, *, packed: bool = False) -> Iterator
 
     Works in forward, eval and training (each adapter's gradients come from its own rows only,
     so several tasks train in one batch) and in ``model.generate`` (greedy, sampling, beam search,
-    ``num_return_sequences``: rows repeated by generate are recognised at the first forward).
-    ``modules_to_save`` copies (a per-task head) are routed too. Raises ``ValueError`` for an
-    unknown name, an id out of range, a wrong length, a merged adapter, or a Delta-LoRA adapter.
+    ``num_return_sequences``: rows repeated by generate are recognised at the first forward),
+    encoder-decoder models included (per row only). ``modules_to_save`` copies (a per-task head)
+    are routed too. Raises ``ValueError`` for an unknown name, an id out of range, a wrong length,
+    a merged adapter, a Delta-LoRA adapter, or per-token ids for an encoder-decoder model.
     """
     root = unwrap(model)
     state = get_state(root)
@@ -556,15 +573,29 @@ def route(model: nn.Module, adapters_: Any, *, packed: bool = False) -> Iterator
                 "cannot be mixed with others: export it exactly with peftkit.export_lora(model, "
                 "DIR, name=...) (a rank-2r LoRA) and load that instead"
             )
+    watched = [root]
+    if getattr(getattr(root, "config", None), "is_encoder_decoder", False):
+        if kind != ROW:
+            raise ValueError(
+                "per-token routing of an encoder-decoder model is not supported (its encoder and "
+                "decoder positions differ); give one adapter per row"
+            )
+        # Note: generate runs the encoder by itself, before any call of the model: a route that
+        # learned beams from an earlier generate must see the prompts' rows there.
+        get_encoder = getattr(root, "get_encoder", None)
+        encoder = get_encoder() if callable(get_encoder) else None
+        if isinstance(encoder, nn.Module) and encoder is not root:
+            watched.append(encoder)
     r = Route(state, ids, kind)
 
     def observe(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         r.observe(_input_batch(args, kwargs))
 
-    handle = root.register_forward_pre_hook(observe, with_kwargs=True)
+    handles = [m.register_forward_pre_hook(observe, with_kwargs=True) for m in watched]
     state.route = r
     try:
         yield model
     finally:
         state.route = None
-        handle.remove()
+        for handle in handles:
+            handle.remove()
