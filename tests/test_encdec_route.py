@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import MODELS, ids
 from test_contract import perturb
-from test_multi_adapter import form  # noqa: F401  (the fixture: masked and batched forms)
+from test_multi_adapter import form  # noqa: F401  (the fixture: grouped and gathered forms)
 from torch import nn
 
 import peftkit
@@ -105,10 +105,10 @@ SAMPLE_NRS = {"do_sample": True, "top_k": 1, "num_return_sequences": 2}  # deter
 
 @pytest.mark.parametrize(
     "kind,kw,form",
-    [("t5", {}, "masked"), ("t5", BEAMS_NRS, "batched"), ("bart", BEAMS, "batched"),
-     ("bart", SAMPLE_NRS, "masked")],
+    [("t5", {}, "grouped"), ("t5", BEAMS_NRS, "gathered"), ("bart", BEAMS, "gathered"),
+     ("bart", SAMPLE_NRS, "grouped")],
     ids=["t5-greedy", "t5-beams-nrs", "bart-beams", "bart-sample-nrs"],
-    indirect=["form"],  # decoding steps take the masked form unless told; both are checked
+    indirect=["form"],  # decoding steps take the grouped form unless told; both are checked
 )
 def test_mixed_generate_equals_per_adapter_generate(
     kind: str, kw: dict[str, Any], form: str  # noqa: F811

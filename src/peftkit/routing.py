@@ -148,7 +148,7 @@ class Route:
             if not lead or lead[0] != rows.numel():
                 raise ValueError(
                     f"route has {ids.numel()} adapter names/ids (one per row"
-                    + (f", × {self.factor} rows each from generate" if self.factor != 1 else "")
+                    + (f", × {self.factor} rows each by generate" if (self.factor or 1) > 1 else "")
                     + f"), but a layer got input of leading shape {lead}"
                 )
             out = rows.repeat_interleave(n // lead[0]) if n != lead[0] else rows
