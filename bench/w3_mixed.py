@@ -9,8 +9,9 @@ projections (non-zero B), a batch of 8 rows, row i through adapter i:
 Every variant is timed interleaved in one process and reported as the median ratio to the base
 model (a separate copy with no adapters) with quartiles. Variants: ``mixed`` (``peftkit.route``),
 ``single`` (one active adapter, no route), ``peft-mixed`` / ``peft-single`` (PEFT 0.21.2 with the
-same weights), ``many`` (64 adapters loaded, 8 used), ``ranks`` (ranks 4, 8, 16, 64 twice each),
-``dora`` (8 DoRA adapters), ``r128`` (one adapter of rank 8 · 16 = 128, active, no route: it
+same weights), ``many`` (64 adapters loaded, 8 used), ``ranks`` (ranks 4, 8, 16, 64 twice each,
+stacked in rank groups), ``ranks-padded`` (the same, padded to rank 64 in one stack), ``dora``
+(8 DoRA adapters), ``r128`` (one adapter of rank 8 · 16 = 128, active, no route: it
 reads the same factor bytes as the eight adapters of rank 16, so it is the floor for ``mixed``
 when every row uses a different adapter). Mixed outputs are checked against PEFT's and against
 one row at a time before timing.
@@ -41,6 +42,7 @@ from common import (  # noqa: E402
 )
 
 import peftkit  # noqa: E402
+from peftkit import routing  # noqa: E402
 
 ROWS = 8
 
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         "peft-single": (None, ("peft", None)),  # filled below: the same PEFT model
         "many": (adapted(64), names_for(64)[::8]),
         "ranks": (adapted(ROWS, ranks=[4, 8, 16, 64]), rows),
+        # the same, every adapter padded to rank 64 in one stack (no rank groups)
+        "ranks-padded": (adapted(ROWS, ranks=[4, 8, 16, 64]), rows),
         "dora": (adapted(ROWS, dora=True), rows),
         # the same factor bytes as the 8 adapters of r 16, as one adapter of r 8·16 = 128 with
         # no route: the floor set by reading every adapter's factors once per step
@@ -133,8 +137,14 @@ def main(argv: list[str] | None = None) -> None:
             return (lambda: call(model, adapter_names=names)) if names else (lambda: call(model))
 
         def routed() -> Any:
-            with peftkit.route(model, how):
-                return call(model)
+            spread = routing.RANK_SPREAD
+            if name == "ranks-padded":
+                routing.RANK_SPREAD = 10**9  # read when a layer's stack is built (then cached)
+            try:
+                with peftkit.route(model, how):
+                    return call(model)
+            finally:
+                routing.RANK_SPREAD = spread
 
         return routed
 
