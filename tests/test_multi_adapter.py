@@ -160,10 +160,63 @@ def test_rank_groups_are_stacked_apart_and_stay_exact(dora: bool, form: str) -> 
     with torch.no_grad():
         with peftkit.route(model, names):
             mixed = logits(model, x)
-        layer = next(m for m in model.modules() if isinstance(m, AdaptedLayer))
-        st = routing._stack(layer, list(layer.adapters.values()), [0, 1, 2, 3])
+            layer = next(m for m in model.modules() if isinstance(m, AdaptedLayer))
+            open_route = model.peftkit_state.route
+            st = routing._stack(layer, list(layer.adapters.values()), [0, 1, 2, 3], open_route)
     assert st is not None and [p.members for p in st.parts] == [[0, 1], [2], [3]]
     torch.testing.assert_close(mixed, reference_rows(model, x, names), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_rows_already_grouped_by_adapter(grad: bool, form: str) -> None:
+    """Rows sorted by adapter in equal groups (what a server keeps) take views, not copies, in
+    the grouped form: outputs and gradients still equal each adapter alone."""
+    model = tiny_llama()
+    linear, _, _ = TARGETS["llama"]
+    for name in ("a", "b"):
+        peftkit.adapt(model, peftkit.LoraConfig(r=4, target_modules=linear), name=name)
+    perturb(model, 3)
+    model.eval()
+    ref = copy.deepcopy(model)
+    x = ids(batch=4, vocab=128, seed=2)
+    names = ["a", "a", "b", "b"]
+    with torch.set_grad_enabled(grad):
+        with peftkit.route(model, names):
+            out = logits(model, x)
+        want = reference_rows(ref, x, names)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+        if grad:
+            (out.float() ** 2).sum().backward()
+            (want.float() ** 2).sum().backward()
+            pairs = zip(model.named_parameters(), ref.named_parameters(), strict=True)
+            for (k, p), (_, q) in pairs:
+                if p.requires_grad:
+                    torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=k)
+
+
+def test_weights_edited_in_place_are_seen_at_the_next_forward_or_frozen_route() -> None:
+    """A route re-checks its cached stacks against the weights at every forward; a frozen one
+    (a server's loop) once per route."""
+    model = two_adapters("lora")
+    x = ids(batch=3, vocab=128)
+    names = ["a", "b", "c"]
+    with torch.no_grad():
+        with peftkit.route(model, names):
+            before = logits(model, x)
+            for _, a in peftkit.adapters(model, "b"):
+                a.lora_B.mul_(3.0)
+            after = logits(model, x)
+        assert not torch.equal(after[1], before[1])
+        torch.testing.assert_close(after, reference_rows(model, x, names), atol=1e-5, rtol=0)
+        with peftkit.route(model, names, frozen=True):
+            first = logits(model, x)
+            for _, a in peftkit.adapters(model, "b"):
+                a.lora_B.mul_(3.0)
+            torch.testing.assert_close(logits(model, x), first, atol=0, rtol=0)  # not seen
+        with peftkit.route(model, names, frozen=True):
+            again = logits(model, x)
+        assert not torch.equal(again[1], first[1])  # seen by the next route
+        torch.testing.assert_close(again, reference_rows(model, x, names), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "vera", "mora", "adalora"])

@@ -63,7 +63,7 @@ class Route:
     """One mixed batch's adapter index, in the model's adapter numbering (−1 = base), with the
     per-layer plans derived from it. Built by :func:`route`; layers read it, users don't."""
 
-    def __init__(self, state: ModelState, ids: Tensor, kind: str) -> None:
+    def __init__(self, state: ModelState, ids: Tensor, kind: str, frozen: bool = False) -> None:
         self.state = state
         self.ids = ids  # (B,), (B, T) or (N,), long, on the CPU
         self.kind = kind
@@ -72,6 +72,9 @@ class Route:
         self._layer_plans: dict[Any, Any] = {}  # read by routed_forward
         self._signature: tuple[Any, ...] | None = None
         self._device_ids: dict[torch.device, Tensor] = {}
+        #: with ``frozen``, the layers whose cached stack was checked in this route (once each)
+        self.frozen = frozen
+        self.checked: set[int] = set()
 
     # -- the batch the model was called with ------------------------------------------------------
     def observe(self, batch: Tensor | None) -> None:
@@ -200,6 +203,8 @@ class _Part:
 
     def __init__(self, members: list[int], at: Tensor, bt: Tensor) -> None:
         self.members, self.at, self.bt = members, at, bt
+        k = len(members)
+        self.at_k, self.bt_k = at[:k], bt[:k]  # without the zero slot
 
 
 class _Stack:
@@ -233,15 +238,22 @@ def _rank_groups(ranks: list[int]) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def _stack(layer: AdaptedLayer, ads: list[Adapter], used: list[int]) -> _Stack | None:
+def _stack(
+    layer: AdaptedLayer, ads: list[Adapter], used: list[int], route: Route
+) -> _Stack | None:
     """The :class:`_Stack` of ``ads`` (the adapters at ``used``), or None when one of them has
-    no LoRA form here. Cached while nothing can change it: no grad, the same tensor versions."""
+    no LoRA form here. Cached while nothing can change it: no grad, the same tensor versions
+    (checked at every forward, or once per route when the route is ``frozen``)."""
     caching = not torch.is_grad_enabled()
     cache = layer.__dict__.get("_peftkit_stack")
     generation = layer.model_state.generation if layer.model_state is not None else 0
     if caching and cache is not None and cache[0] == (tuple(used), generation):
         tensors, versions, got = cache[1], cache[2], cache[3]
+        if route.frozen and id(layer) in route.checked:
+            return got  # type: ignore[no-any-return]
         if tuple([t._version for t in tensors]) == versions:
+            if route.frozen:
+                route.checked.add(id(layer))
             return got  # type: ignore[no-any-return]
     pairs: list[tuple[Tensor, Tensor]] = []
     for a in ads:
@@ -335,7 +347,7 @@ def routed_forward(
     out: Tensor = layer.base(x, *args, **kwargs)
     if not used:
         return out
-    st = _stack(layer, ads, used) if eligible and not (args or kwargs) else None
+    st = _stack(layer, ads, used, route) if eligible and not (args or kwargs) else None
     if st is None:
         return _per_adapter(ads, used, slots, x, out, kind)
     n_out = out.shape[-1]
@@ -370,13 +382,20 @@ def routed_forward(
         if groups is None:
             groups = extras[("groups", k)] = _groups(ppos, pu)
         tok, dest, width = groups
+        if tok is None:  # the positions are the groups, in order and equal: views, no copies
+            h = torch.bmm(xf.view(pu, width, -1), part.at_k)  # (k, L, r)
+            a3 = acc.view(pu, width, n_out)
+            acc = (a3.baddbmm_(h, part.bt_k) if inplace else torch.baddbmm(a3, h, part.bt_k)).view(
+                n, n_out
+            )
+            continue
         if tok.numel() == 0:
             continue
         xs = xf.index_select(0, tok)
         if dest is not None:
             xs = xf.new_zeros(pu * width, xf.shape[-1]).index_copy_(0, dest, xs)
-        h = torch.bmm(xs.view(pu, width, -1), part.at[:pu])  # (k, L, r)
-        yg = torch.bmm(h, part.bt[:pu]).view(-1, n_out)  # (k·L, out)
+        h = torch.bmm(xs.view(pu, width, -1), part.at_k)  # (k, L, r)
+        yg = torch.bmm(h, part.bt_k).view(-1, n_out)  # (k·L, out)
         if dest is not None:
             yg = yg.index_select(0, dest)
         acc = acc.index_add_(0, tok, yg) if inplace else acc.index_add(0, tok, yg)
@@ -391,9 +410,10 @@ def routed_forward(
     return res.view(out.shape)
 
 
-def _groups(pos: Tensor, u: int) -> tuple[Tensor, Tensor | None, int]:
+def _groups(pos: Tensor, u: int) -> tuple[Tensor | None, Tensor | None, int]:
     """For positions whose stack slot is ``pos`` (``u`` = the base): the positions that use an
-    adapter, sorted by slot (``tok``), where each lands in a ``(u, width)`` grid of groups padded
+    adapter, sorted by slot (``tok``; None when that is every position in order, as when a server
+    keeps its rows sorted by adapter), where each lands in a ``(u, width)`` grid of groups padded
     to the largest (``dest``; None when the groups fill the grid exactly), and ``width``."""
     valid = (pos < u).nonzero().squeeze(1)
     grp = pos[valid]
@@ -401,8 +421,11 @@ def _groups(pos: Tensor, u: int) -> tuple[Tensor, Tensor | None, int]:
     tok = valid[order]
     counts = torch.bincount(grp, minlength=u)
     width = int(counts.max()) if u else 0
-    if bool((counts == width).all()):
-        return tok, None, width  # every group full: the sorted positions are the grid
+    if bool((counts == width).all()):  # every group full: the sorted positions are the grid
+        in_order = torch.arange(tok.numel(), device=tok.device)
+        if tok.numel() == pos.numel() and bool((tok == in_order).all()):
+            return None, None, width
+        return tok, None, width
     starts = torch.cumsum(counts, 0) - counts
     gs = grp[order]
     dest = gs * width + (torch.arange(tok.numel(), device=tok.device) - starts[gs])
@@ -533,7 +556,9 @@ def _input_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor | None
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, adapters_: Any, *, packed: bool = False) -> Iterator[nn.Module]:
+def route(
+    model: nn.Module, adapters_: Any, *, packed: bool = False, frozen: bool = False
+) -> Iterator[nn.Module]:
     """Run each row (or token) of the batches inside through its own adapter.
 
     ``adapters_`` is a sequence with one adapter name per row (``None`` = the base model), or an
@@ -546,6 +571,11 @@ def route(model: nn.Module, adapters_: Any, *, packed: bool = False) -> Iterator
     encoder-decoder models included (per row only). ``modules_to_save`` copies (a per-task head)
     are routed too. Raises ``ValueError`` for an unknown name, an id out of range, a wrong length,
     a merged adapter, a Delta-LoRA adapter, or per-token ids for an encoder-decoder model.
+
+    ``frozen=True`` promises that no weight changes while the route is open (a server's decoding
+    loop): each layer then checks its cached stacked factors against the weights once per route
+    instead of at every forward (a few percent of a small decoding step). A weight changed in
+    place inside a frozen route is not seen until the next route.
     """
     root = unwrap(model)
     state = get_state(root)
@@ -586,7 +616,7 @@ def route(model: nn.Module, adapters_: Any, *, packed: bool = False) -> Iterator
         encoder = get_encoder() if callable(get_encoder) else None
         if isinstance(encoder, nn.Module) and encoder is not root:
             watched.append(encoder)
-    r = Route(state, ids, kind)
+    r = Route(state, ids, kind, frozen)
 
     def observe(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         r.observe(_input_batch(args, kwargs))

@@ -396,7 +396,8 @@ class Engine:
             return contextlib.nullcontext()
         names = peftkit.adapter_names(self.model)
         ids = torch.tensor([names.index(a) if a is not None else -1 for a in adapters])
-        return peftkit.route(self.model, ids)
+        # frozen: weights change only through control calls, which close the route first
+        return peftkit.route(self.model, ids, frozen=True)
 
     def _alone(self, adapter: str | None) -> Any:
         """The model as ``adapter`` alone gives it (a prefill is one request): a one-row route,
@@ -492,11 +493,22 @@ class Engine:
                 layer.keys = F.pad(layer.keys, (0, 0, length - have, 0))  # (B, H, length, D)
                 layer.values = F.pad(layer.values, (0, 0, length - have, 0))
             self.mask = F.pad(self.mask, (length - have, 0))
+        # Note: rows are kept sorted by adapter (the new ones go in after the last row whose
+        # adapter sorts at or before theirs, in the same copy that joins them), so that a
+        # decoding step's rows are already grouped by adapter for peftkit.route.
+        names = peftkit.adapter_names(self.model)
+
+        def rank(c: Choice) -> int:
+            a = c.request.adapter
+            return names.index(a) if a in names else -1
+
+        at = sum(1 for c in self.rows if rank(c) <= rank(rows[0]))
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([mine.keys, theirs.keys], 0)  # (B + n, H, L, D)
-            mine.values = torch.cat([mine.values, theirs.values], 0)
-        self.mask = torch.cat([self.mask, new_mask], 0)
-        self.rows.extend(rows)
+            k, v = mine.keys, mine.values
+            mine.keys = torch.cat([k[:at], theirs.keys, k[at:]], 0)  # (B + n, H, L, D)
+            mine.values = torch.cat([v[:at], theirs.values, v[at:]], 0)
+        self.mask = torch.cat([self.mask[:at], new_mask, self.mask[at:]], 0)
+        self.rows[at:at] = rows
 
     def _decode(self) -> None:
         assert self.mask is not None
