@@ -355,9 +355,10 @@ def routed_forward(
     xf = x.reshape(n, x.shape[-1]).to(st.dtype)
     of = out.reshape(n, n_out)
     into_base = st.g is None and of.dtype == st.dtype
-    # the updates accumulate onto the base output, or apart when DoRA's g must scale the sum
-    acc = of if into_base else of.new_zeros(n, n_out, dtype=st.dtype)
-    inplace = not torch.is_grad_enabled()  # acc is the base's fresh output or fresh zeros
+    # The updates accumulate onto the base output, or apart (from None: nothing yet) when DoRA's
+    # g must scale their sum. In place when no graph is recorded, or into fresh zeros.
+    acc: Tensor | None = of if into_base else None
+    inplace = not torch.is_grad_enabled()
     u = len(used)
     for k, part in enumerate(st.parts):
         if len(st.parts) == 1:
@@ -373,7 +374,10 @@ def routed_forward(
             rows = lead[0]
             rpos = ppos.view(rows, -1)[:, 0]  # (rows,)
             h = torch.bmm(xf.view(rows, -1, xf.shape[-1]), part.at[rpos])  # (rows, T, r)
-            acc = torch.baddbmm(acc.view(rows, -1, n_out), h, part.bt[rpos]).view(n, n_out)
+            bt = part.bt[rpos]  # (rows, r, out)
+            acc = (
+                torch.bmm(h, bt) if acc is None else torch.baddbmm(acc.view(rows, -1, n_out), h, bt)
+            ).view(n, n_out)
             continue
         # Positions grouped by adapter, each group zero-padded to the largest: (k, L, in), two
         # bmm's on the stacked factors as they are (no copies of them), each position
@@ -384,10 +388,12 @@ def routed_forward(
         tok, dest, width = groups
         if tok is None:  # the positions are the groups, in order and equal: views, no copies
             h = torch.bmm(xf.view(pu, width, -1), part.at_k)  # (k, L, r)
-            a3 = acc.view(pu, width, n_out)
-            acc = (a3.baddbmm_(h, part.bt_k) if inplace else torch.baddbmm(a3, h, part.bt_k)).view(
-                n, n_out
-            )
+            if acc is None:
+                acc = torch.bmm(h, part.bt_k).view(n, n_out)
+            else:
+                a3 = acc.view(pu, width, n_out)
+                a3 = a3.baddbmm_(h, part.bt_k) if inplace else torch.baddbmm(a3, h, part.bt_k)
+                acc = a3.view(n, n_out)
             continue
         if tok.numel() == 0:
             continue
@@ -398,10 +404,14 @@ def routed_forward(
         yg = torch.bmm(h, part.bt_k).view(-1, n_out)  # (k·L, out)
         if dest is not None:
             yg = yg.index_select(0, dest)
-        acc = acc.index_add_(0, tok, yg) if inplace else acc.index_add(0, tok, yg)
+        if acc is None:
+            acc = yg.new_zeros(n, n_out).index_add_(0, tok, yg)
+        else:
+            acc = acc.index_add_(0, tok, yg) if inplace else acc.index_add(0, tok, yg)
     if into_base:
+        assert acc is not None
         return acc.view(out.shape)
-    y = acc.to(out.dtype)
+    y = of.new_zeros(n, n_out) if acc is None else acc.to(out.dtype)
     if st.g is None:
         return (of + y).view(out.shape)
     g = st.g.to(out.dtype)[pos]  # (n, out): DoRA's m/‖W + sBA‖ per position, 1 for the base
