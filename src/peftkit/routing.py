@@ -375,9 +375,11 @@ def routed_forward(
             rpos = ppos.view(rows, -1)[:, 0]  # (rows,)
             h = torch.bmm(xf.view(rows, -1, xf.shape[-1]), part.at[rpos])  # (rows, T, r)
             bt = part.bt[rpos]  # (rows, r, out)
-            acc = (
-                torch.bmm(h, bt) if acc is None else torch.baddbmm(acc.view(rows, -1, n_out), h, bt)
-            ).view(n, n_out)
+            if acc is None:
+                acc = torch.bmm(h, bt).view(n, n_out)
+            else:  # onto the base output: in place when no graph is recorded (no copy of it)
+                a3 = acc.view(rows, -1, n_out)
+                acc = (a3.baddbmm_(h, bt) if inplace else torch.baddbmm(a3, h, bt)).view(n, n_out)
             continue
         # Positions grouped by adapter, each group zero-padded to the largest: (k, L, in), two
         # bmm's on the stacked factors as they are (no copies of them), each position
