@@ -150,21 +150,25 @@ def md_table(head: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
     return "\n".join(lines)
 
 
-def source_note(run: dict[str, Any]) -> str:
+def source_note(run: dict[str, Any], precise: bool = False) -> str:
     cmd = run.get("command") or "(not recorded)"
     src = run.get("source", "bench run")
     extra = "" if src == "bench run" else f"; {src}"
-    return f"`{run_id(run)}`: `{cmd}`{extra}"
+    rid = run_id(run)
+    if precise and run.get("date"):  # date and time: several runs of one command in a day
+        rid = str(run["date"])[:16].replace("T", " ")
+    return f"`{rid}`: `{cmd}`{extra}"
 
 
 class _Sources:
     """Collects the runs a section cites, and lists them once under it."""
 
-    def __init__(self) -> None:
+    def __init__(self, precise: bool = False) -> None:
         self.ids: dict[str, str] = {}
+        self.precise = precise
 
     def cite(self, run: dict[str, Any]) -> str:
-        note = source_note(run)
+        note = source_note(run, self.precise)
         if note not in self.ids:
             self.ids[note] = f"R{len(self.ids) + 1}"
         return self.ids[note]
@@ -318,6 +322,60 @@ def _q4(src: _Sources, results: Path) -> str:
     return ("**Q4: passkey retrieval in miniature**: a 2-layer Llama pre-trained at 256 tokens, "
             "extended to 1,024 with `LongLoraConfig(r=8, context_factor=4)`; exact match by "
             "context length, full attention at inference.\n\n" + "\n\n".join(out) + "\n")
+
+
+def mixed_section(results: Path = RESULTS) -> str:
+    """The multi-adapter guide's "Measured" section: every W3 run (mixed batches against the
+    base and PEFT) and every serve run (tokens/s through one server)."""
+    src = _Sources(precise=True)
+    parts: list[str] = []
+    w3 = []
+    for run in runs("w3", results):
+        got = {(r.get("phase"), r.get("variant")): r for r in run["rows"]}
+
+        def cell(phase: str, variant: str, key: str = "ratio_to_base",
+                 got: dict[Any, Any] = got) -> str:
+            r = got.get((phase, variant))
+            return "—" if r is None or r.get(key) is None else f"{r[key]:.3f}"
+
+        if ("generate", "mixed") in got or ("prefill", "mixed") in got:
+            w3.append([cell("prefill", "mixed"), cell("generate", "mixed"),
+                       cell("prefill", "peft-mixed"), cell("generate", "peft-mixed"),
+                       cell("generate", "r128"),
+                       cell("generate", "many/mixed", "ratio_to_mixed"), src.cite(run)])
+    if w3:
+        parts.append("**W3: mixed-adapter batches**: the W1 Llama in eval mode, 8 LoRA adapters "
+                     "of r 16 on all seven projections, 8 rows each through its own adapter; "
+                     "prefill 8 × 256 tokens, generate 32 greedy tokens from 8 × 64; time / the "
+                     "base model's, median of interleaved rounds. *r 128*: one adapter holding "
+                     "the eight adapters' bytes, no route. *64/8*: 64 adapters loaded against 8, "
+                     "8 used, paired per round.\n")
+        parts.append(md_table(["mixed prefill", "mixed generate", "PEFT mixed prefill",
+                               "PEFT mixed generate", "r 128 generate", "64/8 generate", "run"],
+                              w3) + "\n")
+    serve = []
+    for run in runs("serve", results):
+        got = {r.get("workload"): r for r in run["rows"]}
+
+        def tps(w: str, got: dict[Any, Any] = got) -> str:
+            r = got.get(w)
+            return "—" if r is None else f"{r['tokens_per_s']:.1f}"
+
+        ratio = "—"
+        if "mixed" in got and "base" in got:
+            ratio = f"{got['mixed']['tokens_per_s'] / got['base']['tokens_per_s']:.2f}"
+        serve.append([tps("mixed"), tps("base"), ratio, tps("floor"), tps("sequential"),
+                      tps("transformers-cb"), src.cite(run)])
+    if serve:
+        parts.append("**Serving**: `peftkit serve` on SmolLM2-135M-Instruct (CPU, fp32, 1 thread), "
+                     "8 adapters of r 16, 64 requests of 64 + 64 tokens, 16 at a time, streamed; "
+                     "output tokens/s (median over rounds). *floor*: every request to one adapter "
+                     "of rank 128; *one at a time*: 8 mixed requests in a row; *transformers "
+                     "serve*: with `--continuous-batching`, base model, same client.\n")
+        parts.append(md_table(["mixed", "base", "mixed / base", "floor", "one at a time",
+                               "transformers serve", "run"], serve) + "\n")
+    parts.append(src.render())
+    return "\n".join(p for p in parts if p)
 
 
 EXTRA = {"w2": _w2, "w4": _w4, "q2": _q2, "q3": _q3, "q4": _q4}

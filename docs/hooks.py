@@ -252,6 +252,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
             return report.method_section(arg)
         if kind == "chooser":
             return report.chooser_table(link_prefix="methods/")
+        if kind == "mixed":
+            return report.mixed_section()
         raise PluginError(f"{page.file.src_uri}: unknown placeholder {m.group(0)}")
 
     return PLACEHOLDER.sub(sub, markdown)
