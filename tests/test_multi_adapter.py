@@ -219,6 +219,23 @@ def test_weights_edited_in_place_are_seen_at_the_next_forward_or_frozen_route() 
         torch.testing.assert_close(again, reference_rows(model, x, names), atol=1e-5, rtol=0)
 
 
+def test_a_hook_on_a_base_layer_sees_the_base_output(form: str) -> None:
+    """Inference adds the updates onto the base's output in place, except where a forward hook
+    on the base may have kept that tensor: the hook's copy stays the base's output."""
+    model = two_adapters("lora")
+    x = ids(batch=3, vocab=128)
+    layer = next(m for m in model.modules() if isinstance(m, AdaptedLayer))
+    seen: list[torch.Tensor] = []
+    handle = layer.base.register_forward_hook(lambda _m, _i, o: seen.append(o))
+    inputs: list[torch.Tensor] = []
+    grab = layer.register_forward_pre_hook(lambda _m, a: inputs.append(a[0]))
+    with torch.no_grad(), peftkit.route(model, ["a", "b", "c"]):
+        logits(model, x)
+    handle.remove()
+    grab.remove()
+    torch.testing.assert_close(seen[0], layer.base(inputs[0]), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "vera", "mora", "adalora"])
 def test_mixed_rows_on_an_nf4_base(method: str, form: str) -> None:
     if not ROWS[method].nf4:

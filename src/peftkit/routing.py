@@ -356,9 +356,10 @@ def routed_forward(
     of = out.reshape(n, n_out)
     into_base = st.g is None and of.dtype == st.dtype
     # The updates accumulate onto the base output, or apart (from None: nothing yet) when DoRA's
-    # g must scale their sum. In place when no graph is recorded, or into fresh zeros.
+    # g must scale their sum. In place when no graph is recorded and no hook on the base may
+    # have kept its output (an activation capture would otherwise see the update added).
     acc: Tensor | None = of if into_base else None
-    inplace = not torch.is_grad_enabled()
+    inplace = not torch.is_grad_enabled() and not getattr(layer.base, "_forward_hooks", None)
     u = len(used)
     for k, part in enumerate(st.parts):
         if len(st.parts) == 1:
