@@ -375,12 +375,7 @@ def routed_forward(
             rows = lead[0]
             rpos = ppos.view(rows, -1)[:, 0]  # (rows,)
             h = torch.bmm(xf.view(rows, -1, xf.shape[-1]), part.at[rpos])  # (rows, T, r)
-            bt = part.bt[rpos]  # (rows, r, out)
-            if acc is None:
-                acc = torch.bmm(h, bt).view(n, n_out)
-            else:  # onto the base output: in place when no graph is recorded (no copy of it)
-                a3 = acc.view(rows, -1, n_out)
-                acc = (a3.baddbmm_(h, bt) if inplace else torch.baddbmm(a3, h, bt)).view(n, n_out)
+            acc = _plus_bmm(acc, h, part.bt[rpos], inplace)  # B'ᵀ gathered: (rows, r, out)
             continue
         # Positions grouped by adapter, each group zero-padded to the largest: (k, L, in), two
         # bmm's on the stacked factors as they are (no copies of them), each position
@@ -391,12 +386,7 @@ def routed_forward(
         tok, dest, width = groups
         if tok is None:  # the positions are the groups, in order and equal: views, no copies
             h = torch.bmm(xf.view(pu, width, -1), part.at_k)  # (k, L, r)
-            if acc is None:
-                acc = torch.bmm(h, part.bt_k).view(n, n_out)
-            else:
-                a3 = acc.view(pu, width, n_out)
-                a3 = a3.baddbmm_(h, part.bt_k) if inplace else torch.baddbmm(a3, h, part.bt_k)
-                acc = a3.view(n, n_out)
+            acc = _plus_bmm(acc, h, part.bt_k, inplace)
             continue
         if tok.numel() == 0:
             continue
@@ -421,6 +411,15 @@ def routed_forward(
     b = _bias(layer)
     res = g * (of + y) if b is None else g * (of - b + y) + b
     return res.view(out.shape)
+
+
+def _plus_bmm(acc: Tensor | None, h: Tensor, bt: Tensor, inplace: bool) -> Tensor:
+    """``acc + bmm(h, bt)`` as ``(n, out)``, ``acc`` viewed as ``h``'s batches (None: zero);
+    in place when allowed, so the base output is not copied."""
+    if acc is None:
+        return torch.bmm(h, bt).view(-1, bt.shape[-1])
+    a3 = acc.view(h.shape[0], h.shape[1], bt.shape[-1])
+    return (a3.baddbmm_(h, bt) if inplace else torch.baddbmm(a3, h, bt)).view(acc.shape)
 
 
 def _groups(pos: Tensor, u: int) -> tuple[Tensor | None, Tensor | None, int]:
