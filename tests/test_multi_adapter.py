@@ -194,6 +194,39 @@ def test_rows_already_grouped_by_adapter(grad: bool, form: str) -> None:
                     torch.testing.assert_close(p.grad, q.grad, atol=1e-4, rtol=1e-4, msg=k)
 
 
+def test_frozen_route_repeats_of_one_shape_take_the_views_plan() -> None:
+    """A frozen route's second forward of the same shape with rows grouped in order (a server's
+    decoding steps) takes the short :class:`routing._Views` plan: still each row's own adapter;
+    a hook put on a base mid-route sends that layer back to the full plan (its output kept)."""
+    from peftkit import routing
+
+    model = tiny_llama()
+    linear, _, _ = TARGETS["llama"]
+    for name in ("a", "b"):
+        peftkit.adapt(model, peftkit.LoraConfig(r=4, target_modules=linear), name=name)
+    perturb(model, 3)
+    model.eval()
+    x = ids(batch=4, vocab=128, seed=2)
+    names = ["a", "a", "b", "b"]
+    want = reference_rows(copy.deepcopy(model), x, names)
+    layer = next(m for m in model.modules() if isinstance(m, AdaptedLayer))
+    with torch.no_grad(), peftkit.route(model, names, frozen=True):
+        first = logits(model, x)
+        plans = model.peftkit_state.route._layer_plans.values()
+        assert any(isinstance(p, routing._Views) for p in plans)
+        second = logits(model, x)
+        seen: list[torch.Tensor] = []
+        inputs: list[torch.Tensor] = []
+        handle = layer.base.register_forward_hook(lambda _m, _i, o: seen.append(o.clone()))
+        kept = layer.base.register_forward_hook(lambda _m, _i, o: inputs.append(o))
+        third = logits(model, x)
+        handle.remove()
+        kept.remove()
+    for got in (first, second, third):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(inputs[0], seen[0], atol=0, rtol=0)  # not added to in place
+
+
 def test_weights_edited_in_place_are_seen_at_the_next_forward_or_frozen_route() -> None:
     """A route re-checks its cached stacks against the weights at every forward; a frozen one
     (a server's loop) once per route."""

@@ -323,6 +323,10 @@ def routed_forward(
     key = (id(layer), x.shape, x.device, route.state.generation, torch.is_grad_enabled(),
            layer.training)
     plan = route._layer_plans.get(key)
+    if plan.__class__ is _Views:  # a frozen route's decoding step, rows grouped in order
+        if not (args or kwargs) and x.is_contiguous() and not layer.base._forward_hooks:
+            return plan(layer.base(x), x)
+        plan = plan.general
     if plan is None:
         # Note: a route opened per decoding step (a server) repeats the same index: the layer
         # keeps the last few plans by the index's content.
@@ -387,6 +391,13 @@ def routed_forward(
         if tok is None:  # the positions are the groups, in order and equal: views, no copies
             h = torch.bmm(xf.view(pu, width, -1), part.at_k)  # (k, L, r)
             acc = _plus_bmm(acc, h, part.bt_k, inplace)
+            if (
+                route.frozen and inplace and into_base and len(st.parts) == 1
+                and x.dtype == st.dtype and x.is_contiguous()
+            ):
+                # Note: the next forwards of this route with this input shape skip the plan,
+                # the stack's checks and the branches above: the same two batched matmuls.
+                route._layer_plans[key] = _Views(part, width, plan)
             continue
         if tok.numel() == 0:
             continue
@@ -411,6 +422,24 @@ def routed_forward(
     b = _bias(layer)
     res = g * (of + y) if b is None else g * (of - b + y) + b
     return res.view(out.shape)
+
+
+class _Views:
+    """A frozen route's plan for a layer whose positions are the groups, in order and equal (a
+    server's decoding step): the base output plus, in place, each group's ``x Aᵀ B'ᵀ`` by two
+    batched matmuls on views. ``general`` is the full plan, for an input this one cannot take."""
+
+    __slots__ = ("at", "bt", "u", "width", "general")
+
+    def __init__(self, part: _Part, width: int, general: tuple[Any, ...]) -> None:
+        self.at, self.bt = part.at_k, part.bt_k  # (k, in, r), (k, r, out)
+        self.u, self.width, self.general = len(part.members), width, general
+
+    def __call__(self, out: Tensor, x: Tensor) -> Tensor:
+        h = torch.bmm(x.view(self.u, self.width, x.shape[-1]), self.at)  # (k, L, r)
+        out = out if out.is_contiguous() else out.contiguous()
+        out.view(self.u, self.width, out.shape[-1]).baddbmm_(h, self.bt)
+        return out
 
 
 def _plus_bmm(acc: Tensor | None, h: Tensor, bt: Tensor, inplace: bool) -> Tensor:
