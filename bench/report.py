@@ -18,6 +18,7 @@ import io
 import json
 import math
 import re
+import statistics
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -361,18 +362,24 @@ def mixed_section(results: Path = RESULTS) -> str:
             r = got.get(w)
             return "—" if r is None else f"{r['tokens_per_s']:.1f}"
 
-        ratio = "—"
+        ratio = paired = "—"
         if "mixed" in got and "base" in got:
             ratio = f"{got['mixed']['tokens_per_s'] / got['base']['tokens_per_s']:.2f}"
-        serve.append([tps("mixed"), tps("base"), ratio, tps("floor"), tps("sequential"),
+            rounds = got["mixed"].get("rounds_ratio_to_base")
+            if rounds:
+                paired = f"{statistics.median(rounds):.2f} ({min(rounds):.2f}–{max(rounds):.2f})"
+        serve.append([tps("mixed"), tps("base"), ratio, paired, tps("floor"), tps("sequential"),
                       tps("transformers-cb"), src.cite(run)])
     if serve:
         parts.append("**Serving**: `peftkit serve` on SmolLM2-135M-Instruct (CPU, fp32, 1 thread), "
                      "8 adapters of r 16, 64 requests of 64 + 64 tokens, 16 at a time, streamed; "
-                     "output tokens/s (median over rounds). *floor*: every request to one adapter "
+                     "output tokens/s (median over rounds); *per round*: mixed / base within "
+                     "each round (the two run back to back), median (range). *floor*: every "
+                     "request to one adapter "
                      "of rank 128; *one at a time*: 8 mixed requests in a row; *transformers "
                      "serve*: with `--continuous-batching`, base model, same client.\n")
-        parts.append(md_table(["mixed", "base", "mixed / base", "floor", "one at a time",
+        parts.append(md_table(["mixed", "base", "mixed / base", "per round", "floor",
+                               "one at a time",
                                "transformers serve", "run"], serve) + "\n")
     parts.append(src.render())
     return "\n".join(p for p in parts if p)
