@@ -23,9 +23,9 @@ import peftkit
 KINDS = ["t5", "bart"]
 # q and v (self- and cross-attention, whose v reads the encoder's rows) per kind
 QV = {"t5": ["q", "v"], "bart": ["q_proj", "v_proj"]}
-# Every linear but the head. T5's feed-forward reads ``self.wo.weight`` (a dtype check), which
-# an AdaptedLayer does not have: T5's wo cannot be adapted today, routed or not.
-LINEAR: dict[str, str | list[str]] = {"t5": ["q", "k", "v", "o", "wi"], "bart": "all-linear"}
+# Every linear but the head (T5's wo included: its feed-forward reads ``self.wo.weight``, which
+# an AdaptedLayer answers with its base's)
+LINEAR: dict[str, str | list[str]] = {"t5": "all-linear", "bart": "all-linear"}
 NAMES: list[str | None] = ["a", "b", None, "c"]
 
 

@@ -36,6 +36,32 @@ def test_suffix_regex_and_all_linear() -> None:
     assert "classifier" not in names(m)
 
 
+def test_an_adapted_layer_answers_for_its_base_weight_and_transformers_can_tie_it() -> None:
+    """Models read a layer's ``weight`` from outside its forward (T5's feed-forward casts to
+    ``wo.weight.dtype``) and transformers ties an output head by setting ``head.weight``: the
+    wrapper reads and sets its base's, so T5 runs with ``wo`` adapted and tying an adapted head
+    leaves one shared tensor and the same state-dict keys (it used to add a stray one)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t5 = peftkit.adapt(MODELS["t5"](0), peftkit.LoraConfig(r=2, target_modules="all-linear"))
+    assert any(n.endswith("DenseReluDense.wo") for n in names(t5))
+    wo = t5.get_submodule("encoder.block.0.layer.1.DenseReluDense.wo")
+    assert wo.weight is wo.base.weight and wo.bias is None
+    x = ids(batch=2, seq=5, vocab=125) + 3
+    assert torch.isfinite(t5(input_ids=x, decoder_input_ids=x).logits).all()
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    peftkit.adapt(model, peftkit.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    keys = set(model.state_dict())
+    model.lm_head.base.weight = nn.Parameter(model.lm_head.base.weight.detach().clone())  # untie
+    model.tie_weights()
+    assert model.lm_head.base.weight is model.model.embed_tokens.weight
+    assert set(model.state_dict()) == keys
+
+
 def test_layers_to_transform_and_exclude() -> None:
     m = peftkit.adapt(
         MODELS["llama"](0),

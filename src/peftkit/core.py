@@ -299,6 +299,32 @@ class AdaptedLayer(Switchable):
         self.active: list[str] = []
         self.model_state: ModelState | None = None  # set by ``adapt``: where routes live
 
+    # Note: models read a layer's weight from outside its forward (T5's feed-forward casts its
+    # input to ``wo.weight.dtype``; transformers ties an output head by setting its ``weight``),
+    # so the wrapper answers for the base: reads give the base's tensors, and setting ``weight``
+    # or ``bias`` sets the base's (a property alone would make transformers' tying raise, and
+    # nn.Module would otherwise register a second, stray parameter on the wrapper).
+    @property
+    def weight(self) -> Tensor:
+        """The base layer's ``weight``, as stored (NF4: its packed codes)."""
+        w: Tensor = self.base.weight
+        return w
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's ``bias`` (None where it has none)."""
+        b: Tensor | None = getattr(self.base, "bias", None)
+        return b
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("weight", "bias"):
+            setattr(self.base, name, value)
+            state = self.__dict__.get("model_state")
+            if state is not None:  # cached stacks and plans may hold the old tensor
+                state.generation += 1
+            return
+        super().__setattr__(name, value)
+
     def add(self, name: str, adapter: Adapter) -> None:
         if adapter.base is not self.base:
             raise ValueError(f"adapter {name!r} wraps another base than this layer's")
