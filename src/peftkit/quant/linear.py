@@ -307,8 +307,11 @@ def quantize_(
     components (``"q_proj"`` matches ``"layers.0.self_attn.q_proj"``); named modules are quantized
     even if they are the head, but tied weights and non-``nn.Linear`` modules are errors.
     ``exclude_modules`` (suffixes, same matching) are left dense in either mode, e.g. a
-    classifier trained in full. ``compute_dtype`` defaults to each layer's weight dtype. Nothing
-    else is frozen or changed.
+    classifier trained in full. Modules a transformers model keeps in fp32
+    (``_keep_in_fp32_modules``, ``_keep_in_fp32_modules_strict``: T5's ``wo``, whose weight dtype
+    T5 casts its input to) are left dense by default, as transformers' 4-bit loading does, and
+    an error as targets. ``compute_dtype`` defaults to each layer's weight dtype. Nothing else is
+    frozen or changed.
     """
     for arg, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
         if isinstance(value, str):
@@ -318,6 +321,12 @@ def quantize_(
             )
     check_blocksize(blocksize)
     embeddings = _embedding_weights(model)
+    keep = [
+        k
+        for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict")
+        for k in (getattr(model, attr, None) or ())
+        if isinstance(k, str)
+    ]
     chosen: list[tuple[str, nn.Linear]] = []
     matched: set[str] = set()
     for name, mod in model.named_modules():
@@ -327,8 +336,9 @@ def quantize_(
             matched.update(s for s in target_modules if _matches(name, (s,)))
         if _matches(name, exclude_modules):
             continue
+        kept = _matches(name, keep) or _matches(name + ".weight", keep)
         if target_modules is None:
-            if type(mod) is not nn.Linear or _is_output_head(model, name, mod):
+            if type(mod) is not nn.Linear or _is_output_head(model, name, mod) or kept:
                 continue
             if _tied_embedding(embeddings, mod) is not None:
                 continue
@@ -339,6 +349,12 @@ def quantize_(
                 raise TypeError(
                     f"quantize_: target {name!r} is a {type(mod).__name__}; only nn.Linear "
                     "layers can be quantized to NF4 (subclasses may change forward)"
+                )
+            if kept:
+                raise ValueError(
+                    f"quantize_: {type(model).__name__} keeps {name!r} in fp32 "
+                    "(_keep_in_fp32_modules: the model reads that weight's dtype itself, and an "
+                    "NF4 weight would break its forward); leave it out of target_modules"
                 )
             tied = _tied_embedding(embeddings, mod)
             if tied is not None:
