@@ -649,3 +649,9 @@ def test_modules_a_model_keeps_in_fp32_stay_dense() -> None:
     assert (got - ref).abs().max() < 1.0  # NF4 error only; the uint8 cast gave 5.5
     with pytest.raises(ValueError, match=r"keeps 'encoder\.block\.0.*wo' in fp32"):
         quantize_(tiny_t5(), target_modules=["wo"])
+    from peftkit.train import quantize_base  # QLoRA's storage with a module trained in full
+
+    block = quantize_base(tiny_t5(), keep=["wi"]).decoder.block[1]  # used to raise on wo
+    ff = block.layer[2].DenseReluDense
+    assert type(ff.wi) is nn.Linear and type(ff.wo) is nn.Linear
+    assert isinstance(block.layer[0].SelfAttention.q, NF4Linear)

@@ -244,17 +244,12 @@ def build_config(
 
 def quantize_base(model: nn.Module, keep: Sequence[str] = ()) -> nn.Module:
     """QLoRA's storage: every ``nn.Linear`` of the frozen base to NF4 (double quantization),
-    except the output head and the modules named in ``keep`` (a head trained in full)."""
+    except the output head, what the model keeps in fp32 (T5's ``wo``) and the modules named in
+    ``keep`` (a head trained in full) with everything under them."""
     from .quant import quantize_
 
-    if not keep:
-        return quantize_(model)
-    names = [
-        n
-        for n, m in model.named_modules()
-        if type(m) is nn.Linear and not any(k in n.split(".") for k in keep)
-    ]
-    return quantize_(model, target_modules=names)
+    left = [n for n, m in model.named_modules() if n and any(k in n.split(".") for k in keep)]
+    return quantize_(model, exclude_modules=left)
 
 
 def _field_default(f: dataclasses.Field[Any]) -> Any:
