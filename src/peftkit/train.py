@@ -248,7 +248,7 @@ def quantize_base(model: nn.Module, keep: Sequence[str] = ()) -> nn.Module:
     ``keep`` (a head trained in full) with everything under them."""
     from .quant import quantize_
 
-    left = [n for n, m in model.named_modules() if n and any(k in n.split(".") for k in keep)]
+    left = [n for n, _ in model.named_modules() if n and any(k in n.split(".") for k in keep)]
     return quantize_(model, exclude_modules=left)
 
 
