@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import peftkit
-from peftkit.config import _is_default_like
+from peftkit.config import RUN_ONLY_FIELDS, _is_default_like
 from peftkit.core import Adapter
 
 TARGETS = ["fc1", "fc2"]
@@ -127,7 +127,13 @@ def test_fuzzed_config_kwargs_raise_only_clear_errors(cls: type, data: Any) -> N
         return
     d = config.to_dict()
     json.dumps(d)
-    assert type(config).from_dict(d) == config
+    # Note: run-only fields (how this run holds the adapter, e.g. autocast_adapter_dtype) are
+    # never written, so they read back as their defaults.
+    fields_ = {f.name: f for f in dataclasses.fields(cls)}
+    written = dataclasses.replace(
+        config, **{n: fields_[n].default for n in RUN_ONLY_FIELDS if n in fields_}
+    )
+    assert type(config).from_dict(d) == written
 
 
 @pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)

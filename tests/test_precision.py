@@ -145,3 +145,14 @@ def test_fused_lora_path_takes_fp32_factors_on_a_half_base(dtype: str) -> None:
     for got, want in zip(run(True), run(False), strict=True):
         # one 16-bit GEMM with W + sBA against two: equal to 16-bit rounding, relative to size
         torch.testing.assert_close(got, want, atol=0.02 * want.abs().max().item(), rtol=0.02)
+
+
+def test_autocast_adapter_dtype_is_a_run_choice_not_written_to_the_file() -> None:
+    """Like PEFT's ``get_peft_model(..., autocast_adapter_dtype=...)``, the choice is how this
+    run holds the adapter: ``adapter_config.json`` never carries it, so a config read back has
+    the default (a fuzzed round trip once expected it kept)."""
+    config = peftkit.LoraConfig(target_modules=["q_proj"], autocast_adapter_dtype=False)
+    d = config.to_dict()
+    assert "autocast_adapter_dtype" not in d
+    back = peftkit.LoraConfig.from_dict(d)
+    assert back.autocast_adapter_dtype is True and back.target_modules == config.target_modules
