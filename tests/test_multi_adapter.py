@@ -167,19 +167,23 @@ def test_rank_groups_are_stacked_apart_and_stay_exact(dora: bool, form: str) -> 
     torch.testing.assert_close(mixed, reference_rows(model, x, names), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("grad", [False, True])
-def test_rows_already_grouped_by_adapter(grad: bool, form: str) -> None:
-    """Rows sorted by adapter in equal groups (what a server keeps) take views, not copies, in
-    the grouped form: outputs and gradients still equal each adapter alone."""
+def sorted_rows() -> tuple[nn.Module, torch.Tensor, list[str]]:
+    """A tiny Llama with LoRAs ``a`` and ``b`` (non-zero) on every linear, in eval mode, and 4
+    rows in adapter order, 2 each (what a server keeps)."""
     model = tiny_llama()
     linear, _, _ = TARGETS["llama"]
     for name in ("a", "b"):
         peftkit.adapt(model, peftkit.LoraConfig(r=4, target_modules=linear), name=name)
     perturb(model, 3)
-    model.eval()
+    return model.eval(), ids(batch=4, vocab=128, seed=2), ["a", "a", "b", "b"]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_rows_already_grouped_by_adapter(grad: bool, form: str) -> None:
+    """Rows sorted by adapter in equal groups (what a server keeps) take views, not copies, in
+    the grouped form: outputs and gradients still equal each adapter alone."""
+    model, x, names = sorted_rows()
     ref = copy.deepcopy(model)
-    x = ids(batch=4, vocab=128, seed=2)
-    names = ["a", "a", "b", "b"]
     with torch.set_grad_enabled(grad):
         with peftkit.route(model, names):
             out = logits(model, x)
@@ -200,14 +204,7 @@ def test_frozen_route_repeats_of_one_shape_take_the_views_plan() -> None:
     a hook put on a base mid-route sends that layer back to the full plan (its output kept)."""
     from peftkit import routing
 
-    model = tiny_llama()
-    linear, _, _ = TARGETS["llama"]
-    for name in ("a", "b"):
-        peftkit.adapt(model, peftkit.LoraConfig(r=4, target_modules=linear), name=name)
-    perturb(model, 3)
-    model.eval()
-    x = ids(batch=4, vocab=128, seed=2)
-    names = ["a", "a", "b", "b"]
+    model, x, names = sorted_rows()
     want = reference_rows(copy.deepcopy(model), x, names)
     layer = next(m for m in model.modules() if isinstance(m, AdaptedLayer))
     with torch.no_grad(), peftkit.route(model, names, frozen=True):
@@ -215,16 +212,16 @@ def test_frozen_route_repeats_of_one_shape_take_the_views_plan() -> None:
         plans = model.peftkit_state.route._layer_plans.values()
         assert any(isinstance(p, routing._Views) for p in plans)
         second = logits(model, x)
-        seen: list[torch.Tensor] = []
-        inputs: list[torch.Tensor] = []
+        seen: list[torch.Tensor] = []  # copies of the base's output
+        held: list[torch.Tensor] = []  # the base's output tensor itself
         handle = layer.base.register_forward_hook(lambda _m, _i, o: seen.append(o.clone()))
-        kept = layer.base.register_forward_hook(lambda _m, _i, o: inputs.append(o))
+        kept = layer.base.register_forward_hook(lambda _m, _i, o: held.append(o))
         third = logits(model, x)
         handle.remove()
         kept.remove()
     for got in (first, second, third):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(inputs[0], seen[0], atol=0, rtol=0)  # not added to in place
+    torch.testing.assert_close(held[0], seen[0], atol=0, rtol=0)  # not added to in place
 
 
 def test_weights_edited_in_place_are_seen_at_the_next_forward_or_frozen_route() -> None:

@@ -502,7 +502,8 @@ class Engine:
             a = c.request.adapter
             return names.index(a) if a in names else -1
 
-        at = sum(1 for c in self.rows if rank(c) <= rank(rows[0]))
+        new_rank = rank(rows[0])
+        at = sum(1 for c in self.rows if rank(c) <= new_rank)
         for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
             k, v = mine.keys, mine.values
             mine.keys = torch.cat([k[:at], theirs.keys, k[at:]], 0)  # (B + n, H, L, D)
